@@ -1,0 +1,96 @@
+// The codec contract: codecs registered by name (as BytePS's compressor
+// registry), a self-describing wire format, and decoders that treat their
+// input as untrusted network bytes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "core/status.h"
+
+namespace zipwire::kernels {
+
+enum class CodecId : uint8_t { kNone = 0, kFp16 = 1, kOnebit = 2 };
+const char* CodecIdName(CodecId id);
+
+// "onebit", "fp16", "none", later "topk:0.01" or "dithering:s=16,norm=l2".
+// Parameters are NAME:VALUE or NAME:key=value[,key=value].
+struct CodecSpec {
+  std::string name;
+  std::map<std::string, std::string> params;  // a bare value is stored under "value"
+
+  static Result<CodecSpec> Parse(const std::string& text);
+  std::string ToString() const;
+};
+
+// Per-call context: seeds the counter-based randomness of the codecs that
+// use it (stochastic rounding, shared index draws) so runs are reproducible
+// and every worker and server derives the same draw for (tensor, chunk, step).
+struct CodecContext {
+  uint64_t seed = 0;
+  uint64_t tensor_id = 0;
+  uint32_t chunk_index = 0;
+  uint64_t step = 0;
+};
+
+// Codecs are stateless and const: one instance is shared by all threads.
+class Codec {
+ public:
+  virtual ~Codec() = default;
+
+  virtual CodecId id() const = 0;
+  virtual std::string name() const = 0;  // the spec that builds it again
+
+  // Upper bound on Compress output for `elements` floats, header included.
+  virtual size_t MaxCompressedBytes(size_t elements) const = 0;
+
+  // Encodes `input` into `out` (header + payload); returns bytes written.
+  // kInvalidArgument if out is smaller than MaxCompressedBytes(input.size()).
+  virtual Result<size_t> Compress(std::span<const float> input, std::span<uint8_t> out,
+                                  const CodecContext& ctx) const = 0;
+
+  // Decodes `in` (validated: header, codec id, sizes) into `out`, whose size
+  // must equal the encoded element count. Never reads or writes out of bounds.
+  virtual Status Decompress(std::span<const uint8_t> in, std::span<float> out) const = 0;
+
+  // accum += alpha * decode(in), with the same validation.
+  virtual Status DecompressAccumulate(std::span<const uint8_t> in, std::span<float> accum,
+                                      float alpha = 1.0f) const = 0;
+
+  // Upper bound on ||x - decode(encode(x))||_2 for this input (the codec's
+  // stated error bound), used by tests and by callers that check a result.
+  virtual double ErrorBoundL2(std::span<const float> input) const = 0;
+};
+
+// Fixed 32-byte little-endian header in front of every encoded chunk.
+struct WireHeader {
+  static constexpr uint32_t kMagic = 0x3143575a;  // "ZWC1"
+  static constexpr uint8_t kVersion = 1;
+  static constexpr size_t kBytes = 32;
+
+  uint8_t version = kVersion;
+  CodecId codec = CodecId::kNone;
+  uint16_t param_bytes = 0;     // codec parameter block right after the header
+  uint64_t elements = 0;        // float count encoded
+  uint64_t payload_bytes = 0;   // bytes after header + params
+  uint32_t param_word = 0;      // small codec parameter (e.g. bits per value), 0 if unused
+};
+
+void EncodeHeader(const WireHeader& header, std::span<uint8_t, WireHeader::kBytes> out);
+// Validates magic, version, codec id and that header + params + payload fit
+// exactly inside `in` (no trailing garbage, no overrun).
+Result<WireHeader> ParseHeader(std::span<const uint8_t> in);
+
+// Registry by name. Built-ins (none, fp16, onebit) are registered at start-up.
+using CodecFactory = Result<std::unique_ptr<Codec>> (*)(const CodecSpec& spec);
+Status RegisterCodec(const std::string& name, CodecId id, CodecFactory factory);
+Result<std::unique_ptr<Codec>> CreateCodec(const CodecSpec& spec);
+Result<std::unique_ptr<Codec>> CreateCodec(const std::string& spec_text);
+// The codec that decodes a buffer whose header names `id` (default params).
+Result<const Codec*> CodecForId(CodecId id);
+
+}  // namespace zipwire::kernels
