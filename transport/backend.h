@@ -109,6 +109,9 @@ class Backend {
 
   virtual const Capabilities& capabilities() const = 0;
 
+  // Sets our own rank (from the bootstrap); call before Connect.
+  virtual void SetLocalRank(PeerId self) = 0;
+
   // Starts listening; returns the address peers pass to Connect ("host:port").
   virtual Result<std::string> Listen() = 0;
   // Opens a connection to the peer at `address` and tells it our rank.
