@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: sets up a fresh machine (packages), builds, and runs
+# every GoogleTest suite through ctest.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+scripts/build.sh
+# Keep UCX (later backends) on loopback; one BLAS thread per process.
+export UCX_NET_DEVICES=lo OPENBLAS_NUM_THREADS=1
+cd build
+ctest --output-on-failure --timeout 600 -j1 "$@"
