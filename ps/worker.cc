@@ -60,8 +60,10 @@ class WorkerImpl final : public Worker {
     pipeline_ = std::make_unique<offload::WorkerPipeline>(backend_.get(), pipe);
     pipeline_->SetControlHandler([this](PeerId peer, std::vector<uint8_t> bytes) { OnControl(peer, bytes); });
     pipeline_->SetPeerErrorHandler([this](PeerId peer, const Status& status) {
-      ZW_LOG(kError, "server rank " << peer << " failed: " << status.ToString());
       std::lock_guard<std::mutex> lock(mu_);
+      // Servers close their connections once every worker said goodbye.
+      if (leaving_ && byes_pending_ == 0) return;
+      ZW_LOG(kError, "server rank " << peer << " failed: " << status.ToString());
       if (broken_.ok()) broken_ = status;
       cv_.notify_all();
     });
@@ -208,6 +210,7 @@ class WorkerImpl final : public Worker {
       {
         std::lock_guard<std::mutex> lock(mu_);
         byes_pending_ = servers_.size();
+        leaving_ = true;
       }
       std::vector<uint8_t> bye = EncodeBye(MessageType::kBye);
       for (PeerId s : servers_) {
@@ -287,6 +290,7 @@ class WorkerImpl final : public Worker {
   std::map<std::pair<uint64_t, PeerId>, std::optional<DeclareAckMessage>> pending_acks_;
   std::map<uint64_t, DeclaredTensor> declared_;
   size_t byes_pending_ = 0;
+  bool leaving_ = false;
   Status broken_;
 };
 
