@@ -1,0 +1,654 @@
+// Backend conformance: every transport backend must pass these, two
+// instances (ranks 0 and 1) in one process over loopback. Waits are bounded
+// by generous deadlines that only fail a test, never gate behaviour.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <boost/asio.hpp>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "transport/backend.h"
+
+namespace zipwire::transport {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+constexpr auto kDeadline = 60s;  // a hang shows up as a failure, not a stuck run
+
+struct Node {
+  std::unique_ptr<Backend> backend;
+  std::vector<Completion> got;
+
+  // Polls once (bounded) and keeps what arrived.
+  size_t Pump(std::chrono::milliseconds timeout = 1ms) {
+    Completion buf[128];
+    size_t n = backend->Poll(buf, timeout);
+    for (size_t i = 0; i < n; ++i) got.push_back(std::move(buf[i]));
+    return n;
+  }
+  size_t Count(CompletionType type) const {
+    size_t n = 0;
+    for (const auto& c : got) n += c.type == type;
+    return n;
+  }
+  std::vector<Completion> Take(CompletionType type) {
+    std::vector<Completion> out, rest;
+    for (auto& c : got) (c.type == type ? out : rest).push_back(std::move(c));
+    got.swap(rest);
+    return out;
+  }
+};
+
+// Polls every node until `done` holds or the deadline passes.
+bool PumpUntil(std::vector<Node*> nodes, const std::function<bool()>& done) {
+  const auto deadline = Clock::now() + kDeadline;
+  while (!done()) {
+    if (Clock::now() > deadline) return false;
+    for (Node* n : nodes) n->Pump();
+  }
+  return true;
+}
+
+uint64_t Checksum(const uint8_t* p, size_t n) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
+  return h;
+}
+
+void FillRandom(std::vector<uint8_t>& v, uint32_t seed) {
+  std::mt19937_64 rng(seed);
+  size_t i = 0;
+  for (; i + 8 <= v.size(); i += 8) {
+    uint64_t x = rng();
+    std::memcpy(v.data() + i, &x, 8);
+  }
+  for (; i < v.size(); ++i) v[i] = static_cast<uint8_t>(rng());
+}
+
+class BackendTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  std::unique_ptr<Backend> Make(PeerId rank, std::chrono::milliseconds connect_timeout = 10000ms) {
+    BackendOptions opts;
+    opts.self = rank;
+    opts.connect_timeout = connect_timeout;
+    auto made = CreateBackend(GetParam(), opts);
+    EXPECT_TRUE(made.ok()) << made.status().ToString();
+    if (!made.ok()) return nullptr;
+    std::unique_ptr<Backend> b = std::move(made).value();
+    b->SetLocalRank(rank);
+    return b;
+  }
+
+  // Rank 0 (a) connects to rank 1 (b), which listens.
+  void SetUp() override {
+    a_.backend = Make(0);
+    b_.backend = Make(1);
+    ASSERT_TRUE(a_.backend && b_.backend);
+    auto addr = b_.backend->Listen();
+    ASSERT_TRUE(addr.ok()) << addr.status().ToString();
+    b_address_ = *addr;
+    Status st = a_.backend->Connect(1, b_address_);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] { return b_.Count(CompletionType::kPeerConnected) == 1; }));
+    auto up = b_.Take(CompletionType::kPeerConnected);
+    EXPECT_EQ(up[0].peer, 0u);
+    EXPECT_TRUE(up[0].status.ok());
+  }
+
+  MemoryRegion Register(Node& n, std::vector<uint8_t>& buf) {
+    auto r = n.backend->RegisterMemory(buf.data(), buf.size(), MemoryKind::kHost);
+    EXPECT_TRUE(r.ok()) << r.status().ToString();
+    return r.ok() ? *r : MemoryRegion{};
+  }
+
+  Node a_, b_;
+  std::string b_address_;
+};
+
+TEST_P(BackendTest, CapabilitiesAreConsistent) {
+  const Capabilities& caps = a_.backend->capabilities();
+  EXPECT_EQ(caps.name, GetParam());
+  EXPECT_TRUE(caps.supports_write_imm);
+  EXPECT_TRUE(caps.SupportsMemory(MemoryKind::kHost));
+  EXPECT_GT(caps.max_control_bytes, 0u);
+  EXPECT_GE(caps.max_write_bytes, size_t{64} << 20);
+}
+
+TEST_P(BackendTest, ImmediatesArriveInOrderExactlyOnce) {
+  constexpr int kWrites = 5000;
+  std::vector<uint8_t> src(kWrites * 8), dst(kWrites * 8, 0);
+  FillRandom(src, 1);
+  MemoryRegion ls = Register(a_, src), rd = Register(b_, dst);
+  RemoteRegion remote = ToRemote(rd);
+  for (int i = 0; i < kWrites; ++i) {
+    Status st = a_.backend->PostWrite(1, ls, i * 8, remote, i * 8, 8, static_cast<uint32_t>(i), 1000 + i);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    if (i % 64 == 0) {
+      a_.Pump(0ms);
+      b_.Pump(0ms);
+    }
+  }
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return b_.Count(CompletionType::kWriteImm) >= kWrites && a_.Count(CompletionType::kWriteDone) >= kWrites;
+  }));
+  auto imms = b_.Take(CompletionType::kWriteImm);
+  ASSERT_EQ(imms.size(), static_cast<size_t>(kWrites));
+  for (int i = 0; i < kWrites; ++i) {
+    ASSERT_EQ(imms[i].imm, static_cast<uint32_t>(i)) << "at " << i;
+    EXPECT_EQ(imms[i].peer, 0u);
+    EXPECT_EQ(imms[i].key, rd.key);
+    EXPECT_EQ(imms[i].offset, static_cast<uint64_t>(i) * 8);
+    EXPECT_EQ(imms[i].length, 8u);
+  }
+  std::set<uint64_t> contexts;
+  for (const auto& c : a_.Take(CompletionType::kWriteDone)) {
+    EXPECT_TRUE(c.status.ok()) << c.status.ToString();
+    EXPECT_EQ(c.peer, 1u);
+    EXPECT_TRUE(contexts.insert(c.context).second) << "duplicate completion " << c.context;
+  }
+  EXPECT_EQ(contexts.size(), static_cast<size_t>(kWrites));
+  EXPECT_EQ(src, dst);
+  // Nothing extra trickles in afterwards.
+  for (int i = 0; i < 20; ++i) {
+    a_.Pump(1ms);
+    b_.Pump(1ms);
+  }
+  EXPECT_EQ(a_.Count(CompletionType::kWriteDone), 0u);
+  EXPECT_EQ(b_.Count(CompletionType::kWriteImm), 0u);
+}
+
+TEST_P(BackendTest, LargeWriteLandsIntact) {
+  constexpr size_t kBytes = size_t{64} << 20;
+  std::vector<uint8_t> src(kBytes), dst(kBytes + 4096, 0xEE);
+  FillRandom(src, 2);
+  MemoryRegion ls = Register(a_, src), rd = Register(b_, dst);
+  // Land at an odd offset so nothing relies on alignment.
+  ASSERT_TRUE(a_.backend->PostWrite(1, ls, 0, ToRemote(rd), 123, kBytes, 77, 9).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return b_.Count(CompletionType::kWriteImm) == 1 && a_.Count(CompletionType::kWriteDone) == 1;
+  }));
+  auto imm = b_.Take(CompletionType::kWriteImm);
+  EXPECT_EQ(imm[0].imm, 77u);
+  EXPECT_EQ(imm[0].offset, 123u);
+  EXPECT_EQ(imm[0].length, kBytes);
+  auto done = a_.Take(CompletionType::kWriteDone);
+  EXPECT_TRUE(done[0].status.ok()) << done[0].status.ToString();
+  EXPECT_EQ(done[0].context, 9u);
+  EXPECT_EQ(Checksum(dst.data() + 123, kBytes), Checksum(src.data(), kBytes));
+  EXPECT_EQ(std::memcmp(dst.data() + 123, src.data(), kBytes), 0);
+  EXPECT_EQ(dst[122], 0xEE);
+  EXPECT_EQ(dst[123 + kBytes], 0xEE);
+}
+
+TEST_P(BackendTest, ThousandsOfOutstandingOperationsBothWays) {
+  constexpr int kOps = 4000;
+  constexpr size_t kChunk = 4096;
+  std::vector<uint8_t> a_src(kOps * kChunk), a_dst(kOps * kChunk, 0), b_src(kOps * kChunk),
+      b_dst(kOps * kChunk, 0);
+  FillRandom(a_src, 3);
+  FillRandom(b_src, 4);
+  MemoryRegion as = Register(a_, a_src), ad = Register(a_, a_dst);
+  MemoryRegion bs = Register(b_, b_src), bd = Register(b_, b_dst);
+  // Post everything before anyone polls, interleaving writes and sends.
+  for (int i = 0; i < kOps; ++i) {
+    ASSERT_TRUE(a_.backend->PostWrite(1, as, i * kChunk, ToRemote(bd), i * kChunk, kChunk, i, i).ok());
+    ASSERT_TRUE(b_.backend->PostWrite(0, bs, i * kChunk, ToRemote(ad), i * kChunk, kChunk, i, i).ok());
+    if (i % 10 == 0) {
+      uint8_t m[4];
+      std::memcpy(m, &i, 4);
+      ASSERT_TRUE(a_.backend->PostSend(1, m, 100000 + i).ok());
+    }
+  }
+  const size_t sends = (kOps + 9) / 10;
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return a_.Count(CompletionType::kWriteDone) == kOps && b_.Count(CompletionType::kWriteDone) == kOps &&
+           a_.Count(CompletionType::kSendDone) == sends && b_.Count(CompletionType::kWriteImm) == kOps &&
+           a_.Count(CompletionType::kWriteImm) == kOps && b_.Count(CompletionType::kRecvMessage) == sends;
+  }));
+  for (const auto& c : a_.got) EXPECT_TRUE(c.status.ok()) << c.status.ToString();
+  for (const auto& c : b_.got) EXPECT_TRUE(c.status.ok()) << c.status.ToString();
+  // Writes and sends from one peer arrive in posting order.
+  uint32_t next_imm = 0;
+  int next_msg = 0;
+  for (const auto& c : b_.got) {
+    if (c.type == CompletionType::kWriteImm) {
+      EXPECT_EQ(c.imm, next_imm++);
+    } else if (c.type == CompletionType::kRecvMessage) {
+      int v;
+      ASSERT_EQ(c.message.size(), 4u);
+      std::memcpy(&v, c.message.data(), 4);
+      EXPECT_EQ(v, next_msg);
+      EXPECT_LE(static_cast<uint32_t>(v), next_imm) << "message overtook a write posted after it";
+      next_msg += 10;
+    }
+  }
+  EXPECT_EQ(a_src, b_dst);
+  EXPECT_EQ(b_src, a_dst);
+}
+
+TEST_P(BackendTest, ControlMessagesRoundTrip) {
+  const size_t max = a_.backend->capabilities().max_control_bytes;
+  std::vector<uint8_t> small = {1, 2, 3, 4, 5};
+  std::vector<uint8_t> big(max);
+  std::iota(big.begin(), big.end(), 0);
+  ASSERT_TRUE(a_.backend->PostSend(1, small, 1).ok());
+  ASSERT_TRUE(a_.backend->PostSend(1, big, 2).ok());
+  ASSERT_TRUE(a_.backend->PostSend(1, {}, 3).ok());
+  ASSERT_TRUE(b_.backend->PostSend(0, big, 4).ok());
+  std::vector<uint8_t> over(max + 1);
+  Status st = a_.backend->PostSend(1, over, 5);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return b_.Count(CompletionType::kRecvMessage) == 3 && a_.Count(CompletionType::kRecvMessage) == 1 &&
+           a_.Count(CompletionType::kSendDone) == 3 && b_.Count(CompletionType::kSendDone) == 1;
+  }));
+  auto at_b = b_.Take(CompletionType::kRecvMessage);
+  EXPECT_EQ(at_b[0].message, small);
+  EXPECT_EQ(at_b[1].message, big);
+  EXPECT_TRUE(at_b[2].message.empty());
+  EXPECT_EQ(at_b[0].peer, 0u);
+  auto at_a = a_.Take(CompletionType::kRecvMessage);
+  EXPECT_EQ(at_a[0].message, big);
+  EXPECT_EQ(at_a[0].peer, 1u);
+  std::set<uint64_t> ctx;
+  for (const auto& c : a_.Take(CompletionType::kSendDone)) {
+    EXPECT_TRUE(c.status.ok());
+    ctx.insert(c.context);
+  }
+  EXPECT_EQ(ctx, (std::set<uint64_t>{1, 2, 3}));
+}
+
+TEST_P(BackendTest, OutOfRangeWritesRefusedAtPost) {
+  std::vector<uint8_t> src(4096), dst(4096);
+  MemoryRegion ls = Register(a_, src), rd = Register(b_, dst);
+  RemoteRegion remote = ToRemote(rd);
+  auto code = [&](uint64_t loff, uint64_t roff, uint64_t len) {
+    return a_.backend->PostWrite(1, ls, loff, remote, roff, len, 0, 0).code();
+  };
+  EXPECT_EQ(code(4000, 0, 100), StatusCode::kOutOfRange);             // past local end
+  EXPECT_EQ(code(0, 4000, 100), StatusCode::kOutOfRange);             // past remote end
+  EXPECT_EQ(code(4097, 0, 0), StatusCode::kOutOfRange);               // offset past end
+  EXPECT_EQ(code(UINT64_MAX - 10, 0, 100), StatusCode::kOutOfRange);  // wraps
+  EXPECT_EQ(code(0, UINT64_MAX - 10, 100), StatusCode::kOutOfRange);
+  EXPECT_EQ(code(8, 8, UINT64_MAX - 4), StatusCode::kOutOfRange);
+  EXPECT_EQ(code(0, 0, 4096), StatusCode::kOk);
+  EXPECT_EQ(code(4096, 4096, 0), StatusCode::kOk);  // empty write at the end is fine
+
+  // A local region that is not (or no longer) ours.
+  MemoryRegion forged = ls;
+  forged.length = 8192;
+  EXPECT_NE(a_.backend->PostWrite(1, forged, 0, remote, 0, 8, 0, 0).code(), StatusCode::kOk);
+  ASSERT_TRUE(a_.backend->DeregisterMemory(ls).ok());
+  EXPECT_NE(a_.backend->PostWrite(1, ls, 0, remote, 0, 8, 0, 0).code(), StatusCode::kOk);
+  // Unknown peer.
+  MemoryRegion ls2 = Register(a_, src);
+  EXPECT_NE(a_.backend->PostWrite(7, ls2, 0, remote, 0, 8, 0, 0).code(), StatusCode::kOk);
+  EXPECT_NE(a_.backend->PostSend(7, src, 0).code(), StatusCode::kOk);
+
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] { return a_.Count(CompletionType::kWriteDone) == 2; }));
+  for (const auto& c : a_.got) EXPECT_TRUE(c.status.ok()) << c.status.ToString();
+}
+
+TEST_P(BackendTest, ForgedRemoteRegionRefusedByReceiver) {
+  std::vector<uint8_t> src(8192, 0xAB), dst(8192, 0);
+  MemoryRegion ls = Register(a_, src);
+  // b registers only the first half; the second half must stay untouched.
+  auto rd = b_.backend->RegisterMemory(dst.data(), 4096, MemoryKind::kHost);
+  ASSERT_TRUE(rd.ok());
+  RemoteRegion forged = ToRemote(*rd);
+  forged.length = 8192;
+  ASSERT_TRUE(a_.backend->PostWrite(1, ls, 0, forged, 2048, 4096, 1, 11).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] { return a_.Count(CompletionType::kWriteDone) == 1; }));
+  auto done = a_.Take(CompletionType::kWriteDone);
+  EXPECT_EQ(done[0].context, 11u);
+  EXPECT_EQ(done[0].status.code(), StatusCode::kOutOfRange) << done[0].status.ToString();
+  EXPECT_NE(done[0].status.message().find("peer 1"), std::string::npos) << done[0].status.ToString();
+  EXPECT_EQ(b_.Count(CompletionType::kWriteImm), 0u);
+  for (size_t i = 0; i < dst.size(); ++i) ASSERT_EQ(dst[i], 0) << "byte " << i << " was written";
+
+  // The connection keeps working, both ways, for in-range writes.
+  ASSERT_TRUE(a_.backend->PostWrite(1, ls, 0, forged, 0, 4096, 2, 12).ok());
+  ASSERT_TRUE(b_.backend->PostSend(0, src, 13).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return a_.Count(CompletionType::kWriteDone) == 1 && b_.Count(CompletionType::kWriteImm) == 1 &&
+           a_.Count(CompletionType::kRecvMessage) == 1 && b_.Count(CompletionType::kSendDone) == 1;
+  }));
+  EXPECT_TRUE(a_.Take(CompletionType::kWriteDone)[0].status.ok());
+  EXPECT_EQ(b_.Take(CompletionType::kWriteImm)[0].imm, 2u);
+  EXPECT_EQ(dst[0], 0xAB);
+  EXPECT_EQ(dst[4095], 0xAB);
+  EXPECT_EQ(dst[4096], 0);
+  EXPECT_EQ(a_.Count(CompletionType::kPeerError) + b_.Count(CompletionType::kPeerError), 0u);
+}
+
+TEST_P(BackendTest, StaleKeyAfterReregistrationIsRefused) {
+  std::vector<uint8_t> src(4096, 0x5A), dst(4096, 0);
+  MemoryRegion ls = Register(a_, src);
+  MemoryRegion old_region = Register(b_, dst);
+  ASSERT_TRUE(b_.backend->DeregisterMemory(old_region).ok());
+  EXPECT_EQ(b_.backend->DeregisterMemory(old_region).code(), StatusCode::kNotFound);
+  MemoryRegion new_region = Register(b_, dst);
+  EXPECT_EQ(new_region.addr, old_region.addr);
+  EXPECT_NE(new_region.key, old_region.key);
+
+  ASSERT_TRUE(a_.backend->PostWrite(1, ls, 0, ToRemote(old_region), 0, 4096, 1, 1).ok());
+  ASSERT_TRUE(a_.backend->PostWrite(1, ls, 0, ToRemote(new_region), 0, 16, 2, 2).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return a_.Count(CompletionType::kWriteDone) == 2 && b_.Count(CompletionType::kWriteImm) == 1;
+  }));
+  auto done = a_.Take(CompletionType::kWriteDone);
+  std::map<uint64_t, Status> by_ctx;
+  for (auto& c : done) by_ctx[c.context] = c.status;
+  EXPECT_EQ(by_ctx[1].code(), StatusCode::kOutOfRange) << by_ctx[1].ToString();
+  EXPECT_TRUE(by_ctx[2].ok()) << by_ctx[2].ToString();
+  auto imm = b_.Take(CompletionType::kWriteImm);
+  EXPECT_EQ(imm[0].imm, 2u);
+  EXPECT_EQ(imm[0].key, new_region.key);
+  EXPECT_EQ(dst[15], 0x5A);
+  EXPECT_EQ(dst[16], 0);  // the stale write never landed
+}
+
+// For tests that need operations to stay pending: the tcp backend's fallback
+// progress (which would otherwise ack on a non-polling node's behalf after a
+// millisecond of idleness) is pushed out of the test's reach.
+class PendingOpsTest : public BackendTest {
+ protected:
+  void SetUp() override {
+    setenv("ZIPWIRE_TCP_IDLE_PROGRESS_US", "600000000", 1);
+    BackendTest::SetUp();
+  }
+  void TearDown() override { unsetenv("ZIPWIRE_TCP_IDLE_PROGRESS_US"); }
+};
+
+// The target goes away with the initiator's operations in flight: each one
+// completes exactly once with a status, the peer is reported, later posts
+// fail at once, and nothing hangs.
+void RunPeerLoss(Node& a, Node& b, bool destroy) {
+  constexpr int kOps = 64;
+  constexpr size_t kChunk = 1 << 20;
+  std::vector<uint8_t> src(kOps * kChunk, 1), dst(kOps * kChunk);
+  auto ls = a.backend->RegisterMemory(src.data(), src.size(), MemoryKind::kHost);
+  auto rd = b.backend->RegisterMemory(dst.data(), dst.size(), MemoryKind::kHost);
+  ASSERT_TRUE(ls.ok() && rd.ok());
+  for (int i = 0; i < kOps; ++i) {
+    ASSERT_TRUE(a.backend->PostWrite(1, *ls, i * kChunk, ToRemote(*rd), i * kChunk, kChunk, i, i).ok());
+  }
+  uint8_t m[16] = {};
+  ASSERT_TRUE(a.backend->PostSend(1, m, 1000).ok());
+  a.Pump(0ms);  // some of it on the wire, none of it acknowledged (b is not polling)
+  if (destroy) {
+    b.backend.reset();
+  } else {
+    b.backend->Close();
+  }
+  ASSERT_TRUE(PumpUntil({&a}, [&] {
+    return a.Count(CompletionType::kWriteDone) == kOps && a.Count(CompletionType::kSendDone) == 1 &&
+           a.Count(CompletionType::kPeerError) >= 1;
+  }));
+  std::set<uint64_t> ctx;
+  size_t failed = 0;
+  for (const auto& c : a.got) {
+    if (c.type == CompletionType::kPeerError) {
+      EXPECT_EQ(c.peer, 1u);
+      EXPECT_EQ(c.status.code(), StatusCode::kPeerClosed) << c.status.ToString();
+      continue;
+    }
+    EXPECT_TRUE(ctx.insert(c.context).second) << "completed twice: " << c.context;
+    if (!c.status.ok()) {
+      ++failed;
+      EXPECT_EQ(c.status.code(), StatusCode::kPeerClosed) << c.status.ToString();
+      EXPECT_NE(c.status.message().find("peer 1"), std::string::npos) << c.status.ToString();
+    }
+  }
+  EXPECT_EQ(failed, static_cast<size_t>(kOps) + 1);  // b never polled, so never acknowledged
+  Status st = a.backend->PostWrite(1, *ls, 0, ToRemote(*rd), 0, 8, 0, 0);
+  EXPECT_EQ(st.code(), StatusCode::kPeerClosed) << st.ToString();
+  EXPECT_EQ(a.backend->PostSend(1, m, 0).code(), StatusCode::kPeerClosed);
+  // Nothing more arrives for the dead peer.
+  size_t before = a.got.size();
+  for (int i = 0; i < 10; ++i) a.Pump(1ms);
+  EXPECT_EQ(a.got.size(), before);
+}
+
+TEST_P(PendingOpsTest, PeerCloseFailsPendingOperations) { RunPeerLoss(a_, b_, /*destroy=*/false); }
+
+TEST_P(PendingOpsTest, PeerDestroyFailsPendingOperations) { RunPeerLoss(a_, b_, /*destroy=*/true); }
+
+TEST_P(PendingOpsTest, LocalCloseCancelsPendingOperations) {
+  constexpr int kOps = 64;
+  constexpr size_t kChunk = 1 << 20;
+  std::vector<uint8_t> src(kOps * kChunk, 1), dst(kOps * kChunk);
+  MemoryRegion ls = Register(a_, src), rd = Register(b_, dst);
+  for (int i = 0; i < kOps; ++i) {
+    ASSERT_TRUE(a_.backend->PostWrite(1, ls, i * kChunk, ToRemote(rd), i * kChunk, kChunk, i, i).ok());
+  }
+  a_.backend->Close();
+  a_.backend->Close();  // idempotent
+  ASSERT_TRUE(PumpUntil({&a_}, [&] { return a_.Count(CompletionType::kWriteDone) == kOps; }));
+  size_t cancelled = 0;
+  for (const auto& c : a_.got) {
+    if (c.type != CompletionType::kWriteDone || c.status.ok()) continue;
+    EXPECT_EQ(c.status.code(), StatusCode::kCancelled) << c.status.ToString();
+    ++cancelled;
+  }
+  EXPECT_EQ(cancelled, static_cast<size_t>(kOps));
+  EXPECT_FALSE(a_.backend->PostWrite(1, ls, 0, ToRemote(rd), 0, 8, 0, 0).ok());
+  EXPECT_EQ(a_.backend->Poll(std::span<Completion>(), 1ms), 0u);
+  // The other side learns that rank 0 went away.
+  ASSERT_TRUE(PumpUntil({&b_}, [&] { return b_.Count(CompletionType::kPeerError) == 1; }));
+  EXPECT_EQ(b_.Take(CompletionType::kPeerError)[0].peer, 0u);
+  a_.backend.reset();
+}
+
+TEST_P(BackendTest, PostsFromAnotherThreadWhileOwnerPolls) {
+  constexpr int kWrites = 2000;
+  std::vector<uint8_t> src(kWrites * 8, 3), dst(kWrites * 8);
+  MemoryRegion ls = Register(a_, src), rd = Register(b_, dst);
+  std::atomic<bool> stop{false};
+  // b is driven by its own thread; a is polled here while another thread posts.
+  std::thread b_poller([&] {
+    while (!stop.load()) b_.Pump(5ms);
+  });
+  std::atomic<int> posted{0};
+  std::thread poster([&] {
+    for (int i = 0; i < kWrites; ++i) {
+      Status st = a_.backend->PostWrite(1, ls, i * 8, ToRemote(rd), i * 8, 8, i, i);
+      if (!st.ok()) break;
+      posted.fetch_add(1);
+    }
+  });
+  const auto deadline = Clock::now() + kDeadline;
+  while (a_.Count(CompletionType::kWriteDone) < static_cast<size_t>(kWrites) && Clock::now() < deadline) {
+    a_.Pump(5ms);
+  }
+  poster.join();
+  EXPECT_EQ(posted.load(), kWrites);
+  EXPECT_EQ(a_.Count(CompletionType::kWriteDone), static_cast<size_t>(kWrites));
+  // Every write is acknowledged, so b has processed all of them; b_.got
+  // belongs to its poller until the join.
+  stop.store(true);
+  b_poller.join();
+  auto imms = b_.Take(CompletionType::kWriteImm);
+  ASSERT_EQ(imms.size(), static_cast<size_t>(kWrites));
+  for (int i = 0; i < kWrites; ++i) ASSERT_EQ(imms[i].imm, static_cast<uint32_t>(i));
+  EXPECT_EQ(src, dst);
+}
+
+TEST_P(BackendTest, ConnectToDeadPortIsUnavailable) {
+  // Find a port nobody listens on: bind an ephemeral one and release it.
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::acceptor probe(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  uint16_t port = probe.local_endpoint().port();
+  probe.close();
+  auto c = Make(2, 300ms);
+  ASSERT_TRUE(c);
+  std::string addr = "127.0.0.1:" + std::to_string(port);
+  Status st = c->Connect(1, addr);
+  EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st.ToString();
+  EXPECT_NE(st.message().find(addr), std::string::npos) << st.ToString();
+  EXPECT_EQ(c->Connect(1, "no-port-here").code(), StatusCode::kInvalidArgument);
+}
+
+TEST_P(BackendTest, CudaMemoryNotSupported) {
+  if (a_.backend->capabilities().SupportsMemory(MemoryKind::kCuda)) GTEST_SKIP() << "backend has a CUDA path";
+  std::vector<uint8_t> buf(64);
+  auto r = a_.backend->RegisterMemory(buf.data(), buf.size(), MemoryKind::kCuda);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kNotSupported) << r.status().ToString();
+  EXPECT_NE(r.status().message().find("CUDA"), std::string::npos) << r.status().ToString();
+}
+
+TEST_P(BackendTest, DuplicateRankIsRefused) {
+  // A second node claiming rank 0 is turned away; the first keeps working.
+  auto impostor = Make(0);
+  ASSERT_TRUE(impostor);
+  ASSERT_TRUE(impostor->Connect(1, b_address_).ok());
+  Node imp{std::move(impostor), {}};
+  std::vector<uint8_t> buf(64, 9), dst(64);
+  auto ib = imp.backend->RegisterMemory(buf.data(), buf.size(), MemoryKind::kHost);
+  MemoryRegion rd = Register(b_, dst);
+  ASSERT_TRUE(ib.ok());
+  ASSERT_TRUE(imp.backend->PostWrite(1, *ib, 0, ToRemote(rd), 0, 64, 5, 5).ok());
+  ASSERT_TRUE(PumpUntil({&imp, &b_}, [&] { return imp.Count(CompletionType::kWriteDone) == 1; }));
+  EXPECT_EQ(imp.Take(CompletionType::kWriteDone)[0].status.code(), StatusCode::kPeerClosed);
+  EXPECT_EQ(b_.Count(CompletionType::kPeerConnected), 0u);
+  EXPECT_EQ(b_.Count(CompletionType::kWriteImm), 0u);
+  EXPECT_EQ(dst[0], 0);
+
+  MemoryRegion ls = Register(a_, buf);
+  ASSERT_TRUE(a_.backend->PostWrite(1, ls, 0, ToRemote(rd), 0, 64, 6, 6).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] { return b_.Count(CompletionType::kWriteImm) == 1; }));
+  EXPECT_EQ(dst[0], 9);
+}
+
+// Raw bytes at the listen port: the tcp wire format (see tcp_backend.cc).
+std::vector<uint8_t> TcpHeader(uint8_t type, uint32_t imm, uint64_t key, uint64_t offset, uint64_t length) {
+  std::vector<uint8_t> h(40, 0);
+  h[0] = type;
+  auto put = [&](size_t at, uint64_t v, int n) {
+    for (int i = 0; i < n; ++i) h[at + i] = static_cast<uint8_t>(v >> (8 * i));
+  };
+  put(4, imm, 4);
+  put(16, key, 8);
+  put(24, offset, 8);
+  put(32, length, 8);
+  return h;
+}
+
+bool WaitForEof(boost::asio::ip::tcp::socket& s, Node& serving, std::vector<Node*> others) {
+  s.non_blocking(true);
+  const auto deadline = Clock::now() + kDeadline;
+  while (Clock::now() < deadline) {
+    serving.Pump();
+    for (Node* n : others) n->Pump(0ms);
+    uint8_t junk[256];
+    boost::system::error_code ec;
+    s.read_some(boost::asio::buffer(junk), ec);
+    if (ec == boost::asio::error::would_block) continue;
+    if (ec) return true;  // EOF or reset: the backend dropped us
+  }
+  return false;
+}
+
+TEST_P(BackendTest, GarbageOnListenPortIsDroppedAndServiceContinues) {
+  if (GetParam() != "tcp") GTEST_SKIP() << "raw TCP wire test";
+  namespace asio = boost::asio;
+  asio::io_context io;
+  std::string host = b_address_.substr(0, b_address_.rfind(':'));
+  uint16_t port = static_cast<uint16_t>(std::stoi(b_address_.substr(b_address_.rfind(':') + 1)));
+  asio::ip::tcp::endpoint ep(asio::ip::make_address(host), port);
+
+  {  // Plain garbage instead of a hello.
+    asio::ip::tcp::socket s(io);
+    s.connect(ep);
+    std::string junk = "GET / HTTP/1.1\r\nHost: example\r\n\r\n0123456789abcdef0123456789abcdef";
+    asio::write(s, asio::buffer(junk));
+    EXPECT_TRUE(WaitForEof(s, b_, {&a_}));
+  }
+  {  // A valid hello from rank 5, then a frame of unknown type.
+    asio::ip::tcp::socket s(io);
+    s.connect(ep);
+    auto hello = TcpHeader(1, 5, 0x317600504354575aull, 1, 0);
+    auto bad = TcpHeader(99, 0, 0, 0, 0);
+    asio::write(s, asio::buffer(hello));
+    asio::write(s, asio::buffer(bad));
+    EXPECT_TRUE(WaitForEof(s, b_, {&a_}));
+    ASSERT_TRUE(PumpUntil({&b_}, [&] { return b_.Count(CompletionType::kPeerError) == 1; }));
+    auto err = b_.Take(CompletionType::kPeerError);
+    EXPECT_EQ(err[0].peer, 5u);
+    EXPECT_EQ(err[0].status.code(), StatusCode::kPeerClosed);
+  }
+  {  // A hello, then a SEND claiming a payload far above the limit.
+    asio::ip::tcp::socket s(io);
+    s.connect(ep);
+    auto hello = TcpHeader(1, 6, 0x317600504354575aull, 1, 0);
+    auto huge = TcpHeader(3, 0, 0, 0, uint64_t{1} << 40);
+    asio::write(s, asio::buffer(hello));
+    asio::write(s, asio::buffer(huge));
+    EXPECT_TRUE(WaitForEof(s, b_, {&a_}));
+  }
+  {  // Connect and hang up without a word.
+    asio::ip::tcp::socket s(io);
+    s.connect(ep);
+    s.close();
+  }
+  // Rank 0's connection was never disturbed.
+  std::vector<uint8_t> src(1024, 7), dst(1024);
+  MemoryRegion ls = Register(a_, src), rd = Register(b_, dst);
+  ASSERT_TRUE(a_.backend->PostWrite(1, ls, 0, ToRemote(rd), 0, 1024, 42, 1).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return b_.Count(CompletionType::kWriteImm) == 1 && a_.Count(CompletionType::kWriteDone) == 1;
+  }));
+  EXPECT_TRUE(a_.Take(CompletionType::kWriteDone)[0].status.ok());
+  EXPECT_EQ(dst, src);
+  for (const auto& c : b_.got) {
+    EXPECT_FALSE(c.type == CompletionType::kPeerError && c.peer == 0) << c.status.ToString();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, BackendTest, ::testing::Values("tcp"));
+INSTANTIATE_TEST_SUITE_P(Backends, PendingOpsTest, ::testing::Values("tcp"));
+
+TEST(BackendFactoryTest, UnknownBackendListsBuiltOnes) {
+  auto made = CreateBackend("carrier-pigeon", BackendOptions{});
+  ASSERT_FALSE(made.ok());
+  EXPECT_EQ(made.status().code(), StatusCode::kNotSupported);
+  EXPECT_NE(made.status().message().find("tcp"), std::string::npos) << made.status().ToString();
+}
+
+TEST(RemoteRegionTest, WireEncodingIsLittleEndianAndRoundTrips) {
+  RemoteRegion r{0x0102030405060708ull, 0x1112131415161718ull, 0x2122232425262728ull};
+  uint8_t wire[kRemoteRegionWireBytes];
+  EncodeRemoteRegion(r, wire);
+  EXPECT_EQ(wire[0], 0x08);
+  EXPECT_EQ(wire[7], 0x01);
+  EXPECT_EQ(wire[8], 0x18);
+  EXPECT_EQ(wire[23], 0x21);
+  RemoteRegion back = DecodeRemoteRegion(wire);
+  EXPECT_EQ(back.key, r.key);
+  EXPECT_EQ(back.addr, r.addr);
+  EXPECT_EQ(back.length, r.length);
+}
+
+TEST(NamesTest, EnumsHaveNames) {
+  EXPECT_STREQ(MemoryKindName(MemoryKind::kHost), "host");
+  EXPECT_STREQ(MemoryKindName(MemoryKind::kCuda), "cuda");
+  EXPECT_STREQ(CompletionTypeName(CompletionType::kWriteImm), "WRITE_IMM");
+  EXPECT_STREQ(CompletionTypeName(CompletionType::kPeerError), "PEER_ERROR");
+}
+
+}  // namespace
+}  // namespace zipwire::transport
