@@ -155,6 +155,12 @@ Status WorkerPipeline::SendControl(transport::PeerId peer, std::span<const uint8
   return backend_->PostSend(peer, bytes, ctx);
 }
 
+// FailAll empties the window at once, so a chunk that finishes afterwards
+// must not count itself out a second time.
+void WorkerPipeline::ReleaseSlotLocked() {
+  if (in_flight_ > 0) --in_flight_;
+}
+
 // Moves waiting chunks into the window while there is room. Called with mu_.
 void WorkerPipeline::Admit(std::unique_lock<std::mutex>& lock) {
   (void)lock;
@@ -179,7 +185,7 @@ void WorkerPipeline::CompressAndSend(uint32_t tensor_index, uint32_t chunk) {
     std::lock_guard<std::mutex> lock(mu_);
     t = tensors_[tensor_index].get();
     if (!t->round.status.ok()) {
-      --in_flight_;
+      ReleaseSlotLocked();
       return;
     }
     input = t->round.input;
@@ -213,7 +219,7 @@ void WorkerPipeline::CompressAndSend(uint32_t tensor_index, uint32_t chunk) {
     if (status.ok()) return;
   }
   std::unique_lock<std::mutex> lock(mu_);
-  --in_flight_;
+  ReleaseSlotLocked();
   FailRoundLocked(*t, status.WithContext("tensor " + std::to_string(route.id) + " chunk " +
                                          std::to_string(cr.chunk_index)));
   Admit(lock);
@@ -227,7 +233,7 @@ void WorkerPipeline::OnWriteDone(const transport::Completion& c) {
   Tensor& t = *tensors_[ref.tensor];
   ChunkState& cs = t.chunks[ref.chunk];
   if (!c.status.ok()) {
-    --in_flight_;
+    ReleaseSlotLocked();
     FailRoundLocked(t, c.status.WithContext("push of tensor " + std::to_string(t.route.id) + " chunk " +
                                             std::to_string(ref.chunk)));
     Admit(lock);
@@ -263,7 +269,7 @@ void WorkerPipeline::OnAggregate(const transport::Completion& c) {
   cs.arrived_bytes = c.length;
   wire_bytes_received_.fetch_add(c.length, std::memory_order_relaxed);
   cs.t_arrived = Clock::now();
-  --in_flight_;  // the window bounds chunks on the wire; decoding waits for the pull
+  ReleaseSlotLocked();  // the window bounds chunks on the wire; decoding waits for the pull
   if (t.round.have_output && t.round.status.ok()) {
     cs.decoding = true;
     uint32_t index = ref.tensor, chunk = ref.chunk;

@@ -125,6 +125,7 @@ class WorkerPipeline {
 
   void ProgressLoop();
   void Admit(std::unique_lock<std::mutex>& lock);
+  void ReleaseSlotLocked();
   void CompressAndSend(uint32_t tensor_index, uint32_t chunk);
   void Decode(uint32_t tensor_index, uint32_t chunk);
   void OnWriteDone(const transport::Completion& c);

@@ -205,6 +205,9 @@ class ServerImpl final : public Server {
       t->declared_by.assign(num_workers_, 0);
       // This server's chunks, in the order the worker listed them.
       uint64_t slots_total = 0, out_total = 0;
+      // Chunks join the handle table only once the whole tensor is set up,
+      // so a failed declaration leaves no handle pointing at freed state.
+      std::vector<std::unique_ptr<ServerChunk>> created;
       for (const DeclareChunk& dc : m.chunks) {
         if (dc.chunk_index >= plan.size() || t->chunks[dc.chunk_index] != nullptr) {
           return InvalidArgument("declaration lists chunk " + std::to_string(dc.chunk_index) + " twice or out of range");
@@ -227,9 +230,9 @@ class ServerImpl final : public Server {
         if (t->error_feedback) {
           ZW_RETURN_IF_ERROR(t->error_feedback->Reserve({t->id, chunk->chunk_index}, chunk->count));
         }
-        chunk->handle = static_cast<uint32_t>(handles_.size());
+        chunk->handle = static_cast<uint32_t>(handles_.size() + created.size());
         t->chunks[dc.chunk_index] = chunk.get();
-        handles_.push_back(std::move(chunk));
+        created.push_back(std::move(chunk));
       }
       t->slots = offload::AlignedBuffer(slots_total);
       t->out = offload::AlignedBuffer(out_total);
@@ -238,6 +241,7 @@ class ServerImpl final : public Server {
                           backend_->RegisterMemory(t->slots.data(), slots_total, transport::MemoryKind::kHost));
       ZW_ASSIGN_OR_RETURN(t->out_region,
                           backend_->RegisterMemory(t->out.data(), out_total, transport::MemoryKind::kHost));
+      for (auto& c : created) handles_.push_back(std::move(c));
       tensors_.emplace(m.tensor_id, std::move(owned));
     } else {
       t = it->second.get();

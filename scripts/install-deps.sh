@@ -11,7 +11,8 @@ PACKAGES=(
   libgtest-dev libgmock-dev googletest libbenchmark-dev
   libopenblas-dev zlib1g-dev
   dataset-fashion-mnist
-  iperf3 qperf
+  iperf3 qperf python3
+  perftest qemu-system-x86 qemu-utils busybox kmod xz-utils iproute2
 )
 
 missing=()
