@@ -24,10 +24,17 @@ Result<uint64_t> ParseBytes(const std::string& text) {
   if (pos < text.size()) {
     char unit = static_cast<char>(std::toupper(static_cast<unsigned char>(text[pos])));
     switch (unit) {
-      case 'K': mult = 1ull << 10; break;
-      case 'M': mult = 1ull << 20; break;
-      case 'G': mult = 1ull << 30; break;
-      default: return InvalidArgument("size '" + text + "' has unknown unit '" + text.substr(pos) + "'");
+      case 'K':
+        mult = 1ull << 10;
+        break;
+      case 'M':
+        mult = 1ull << 20;
+        break;
+      case 'G':
+        mult = 1ull << 30;
+        break;
+      default:
+        return InvalidArgument("size '" + text + "' has unknown unit '" + text.substr(pos) + "'");
     }
     ++pos;
     if (pos < text.size() && (text[pos] == 'B' || text[pos] == 'b')) ++pos;

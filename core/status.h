@@ -68,7 +68,7 @@ inline Status Internal(std::string m) { return {StatusCode::kInternal, std::move
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : v_(std::move(value)) {}        // NOLINT: implicit by design
   Result(Status status) : v_(std::move(status)) {  // NOLINT
     if (std::get<Status>(v_).ok()) v_ = Status(StatusCode::kInternal, "Result built from an OK status");
   }
@@ -92,9 +92,9 @@ class [[nodiscard]] Result {
 
 }  // namespace zipwire
 
-#define ZW_RETURN_IF_ERROR(expr)            \
-  do {                                      \
-    ::zipwire::Status zw_status_ = (expr);  \
+#define ZW_RETURN_IF_ERROR(expr)             \
+  do {                                       \
+    ::zipwire::Status zw_status_ = (expr);   \
     if (!zw_status_.ok()) return zw_status_; \
   } while (0)
 

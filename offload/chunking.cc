@@ -19,8 +19,8 @@ Result<std::vector<Chunk>> PlanChunks(size_t elements, uint64_t partition_bytes)
   }
   const size_t n = (elements + per_chunk - 1) / per_chunk;
   if (n > (1u << 20)) {
-    return InvalidArgument("tensor of " + std::to_string(elements) + " elements makes " +
-                           std::to_string(n) + " chunks; raise ZIPWIRE_PARTITION_BYTES");
+    return InvalidArgument("tensor of " + std::to_string(elements) + " elements makes " + std::to_string(n) +
+                           " chunks; raise ZIPWIRE_PARTITION_BYTES");
   }
   chunks.reserve(n);
   for (size_t i = 0; i < n; ++i) {

@@ -7,13 +7,20 @@ namespace zipwire::offload {
 
 const char* StageName(Stage stage) {
   switch (stage) {
-    case Stage::kWindowWait: return "window_wait";
-    case Stage::kCompress: return "compress";
-    case Stage::kSend: return "send";
-    case Stage::kRemote: return "remote";
-    case Stage::kDecompress: return "decompress";
-    case Stage::kTotal: return "total";
-    case Stage::kCount: break;
+    case Stage::kWindowWait:
+      return "window_wait";
+    case Stage::kCompress:
+      return "compress";
+    case Stage::kSend:
+      return "send";
+    case Stage::kRemote:
+      return "remote";
+    case Stage::kDecompress:
+      return "decompress";
+    case Stage::kTotal:
+      return "total";
+    case Stage::kCount:
+      break;
   }
   return "?";
 }
@@ -54,7 +61,9 @@ std::string TimingLog::Report() const {
   for (size_t s = 0; s < static_cast<size_t>(Stage::kCount); ++s) {
     for (size_t i = 0; i < records.size(); ++i) values[i] = records[i].us[s];
     std::sort(values.begin(), values.end());
-    auto pct = [&](double p) { return values[static_cast<size_t>(p * static_cast<double>(values.size() - 1))]; };
+    auto pct = [&](double p) {
+      return values[static_cast<size_t>(p * static_cast<double>(values.size() - 1))];
+    };
     std::snprintf(line, sizeof(line), "%-12s %8zu %12.1f %12.1f %12.1f %12.1f\n",
                   StageName(static_cast<Stage>(s)), values.size(), pct(0.5), pct(0.9), pct(0.99),
                   values.back());

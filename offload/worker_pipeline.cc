@@ -201,9 +201,9 @@ void WorkerPipeline::CompressAndSend(uint32_t tensor_index, uint32_t chunk) {
   std::span<uint8_t> payload(slot + ChunkHeader::kBytes, cr.slot_bytes - ChunkHeader::kBytes);
   std::span<const float> values = input.subspan(cr.offset, cr.count);
   kernels::CodecContext ctx{options_.seed, route.id, cr.chunk_index, step};
-  Result<size_t> written = route.error_feedback
-                               ? route.error_feedback->Compress({route.id, cr.chunk_index}, values, payload, ctx)
-                               : route.codec->Compress(values, payload, ctx);
+  Result<size_t> written =
+      route.error_feedback ? route.error_feedback->Compress({route.id, cr.chunk_index}, values, payload, ctx)
+                           : route.codec->Compress(values, payload, ctx);
   Status status = written.status();
   const Clock::time_point compressed = Clock::now();
   if (status.ok()) {
@@ -214,8 +214,8 @@ void WorkerPipeline::CompressAndSend(uint32_t tensor_index, uint32_t chunk) {
       t->chunks[chunk].wire_bytes = static_cast<uint32_t>(bytes);
     }
     wire_bytes_sent_.fetch_add(bytes, std::memory_order_relaxed);
-    status = backend_->PostWrite(cr.server, route.send_region, cr.send_offset, cr.server_region, cr.server_offset, bytes,
-                                 cr.server_handle, cr.local_handle);
+    status = backend_->PostWrite(cr.server, route.send_region, cr.send_offset, cr.server_region,
+                                 cr.server_offset, bytes, cr.server_handle, cr.local_handle);
     if (status.ok()) return;
   }
   std::unique_lock<std::mutex> lock(mu_);
@@ -262,7 +262,7 @@ void WorkerPipeline::OnAggregate(const transport::Completion& c) {
   if (!t.round.active || !cs.admitted || cs.arrived || c.offset != cr.recv_offset ||
       c.length > cr.slot_bytes || c.peer != cr.server) {
     ZW_LOG(kWarn, "unexpected aggregate for tensor " << t.route.id << " chunk " << ref.chunk << " from peer "
-                                                    << c.peer << " ignored");
+                                                     << c.peer << " ignored");
     return;
   }
   cs.arrived = true;
@@ -301,9 +301,9 @@ void WorkerPipeline::Decode(uint32_t tensor_index, uint32_t chunk) {
   const Clock::time_point decoded = Clock::now();
   std::lock_guard<std::mutex> lock(mu_);
   if (!status.ok()) {
-    FailRoundLocked(*t, status.WithContext("aggregate of tensor " + std::to_string(t->route.id) + " chunk " +
-                                           std::to_string(cr.chunk_index) + " from peer " +
-                                           std::to_string(cr.server)));
+    FailRoundLocked(
+        *t, status.WithContext("aggregate of tensor " + std::to_string(t->route.id) + " chunk " +
+                               std::to_string(cr.chunk_index) + " from peer " + std::to_string(cr.server)));
     return;
   }
   const ChunkState& cs = t->chunks[chunk];
@@ -376,19 +376,25 @@ void WorkerPipeline::ProgressLoop() {
     for (size_t i = 0; i < n; ++i) {
       transport::Completion& c = batch[i];
       switch (c.type) {
-        case transport::CompletionType::kWriteDone: OnWriteDone(c); break;
-        case transport::CompletionType::kWriteImm: OnAggregate(c); break;
+        case transport::CompletionType::kWriteDone:
+          OnWriteDone(c);
+          break;
+        case transport::CompletionType::kWriteImm:
+          OnAggregate(c);
+          break;
         case transport::CompletionType::kRecvMessage:
           if (control_handler_) control_handler_(c.peer, std::move(c.message));
           break;
         case transport::CompletionType::kSendDone:
-          if (!c.status.ok()) ZW_LOG(kWarn, "control message to peer " << c.peer << " failed: " << c.status.ToString());
+          if (!c.status.ok())
+            ZW_LOG(kWarn, "control message to peer " << c.peer << " failed: " << c.status.ToString());
           break;
         case transport::CompletionType::kPeerError:
           FailAll(c.status);
           if (peer_error_handler_) peer_error_handler_(c.peer, c.status);
           break;
-        case transport::CompletionType::kPeerConnected: break;
+        case transport::CompletionType::kPeerConnected:
+          break;
       }
     }
   }

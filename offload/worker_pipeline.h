@@ -36,10 +36,10 @@ struct ChunkRoute {
   transport::PeerId server = transport::kInvalidPeer;
   transport::RemoteRegion server_region;  // the server's registration holding our slot
   uint64_t server_offset = 0;             // our slot's offset in it
-  uint32_t server_handle = 0;           // imm for our push
-  uint64_t send_offset = 0;             // in TensorRoute::send_region
-  uint64_t recv_offset = 0;             // in TensorRoute::recv_region
-  uint64_t slot_bytes = 0;              // capacity of each of the two slots
+  uint32_t server_handle = 0;             // imm for our push
+  uint64_t send_offset = 0;               // in TensorRoute::send_region
+  uint64_t recv_offset = 0;               // in TensorRoute::recv_region
+  uint64_t slot_bytes = 0;                // capacity of each of the two slots
 };
 
 struct TensorRoute {
@@ -53,9 +53,9 @@ struct TensorRoute {
 };
 
 struct PipelineOptions {
-  size_t window_chunks = 8;   // ZIPWIRE_INFLIGHT_CHUNKS
-  size_t compute_threads = 1; // ZIPWIRE_WORKER_THREADS
-  uint64_t seed = 0;          // codec randomness
+  size_t window_chunks = 8;    // ZIPWIRE_INFLIGHT_CHUNKS
+  size_t compute_threads = 1;  // ZIPWIRE_WORKER_THREADS
+  uint64_t seed = 0;           // codec randomness
 };
 
 class WorkerPipeline {
@@ -101,9 +101,9 @@ class WorkerPipeline {
     Clock::time_point t_admit, t_compressed, t_acked, t_arrived;
   };
   struct Round {
-    bool active = false;        // pushed and not yet fully pulled
+    bool active = false;  // pushed and not yet fully pulled
     bool pushed_all = false;
-    uint64_t step = 0;          // rounds so far on this tensor
+    uint64_t step = 0;  // rounds so far on this tensor
     std::span<const float> input;
     std::span<float> output;
     bool have_output = false;
@@ -147,7 +147,7 @@ class WorkerPipeline {
   std::vector<HandleRef> handles_;  // local_handle → chunk
   std::deque<HandleRef> waiting_;   // chunks waiting for a window slot
   size_t in_flight_ = 0;
-  Status broken_;                   // set once a peer failed: every later call fails
+  Status broken_;  // set once a peer failed: every later call fails
 
   std::atomic<bool> running_{false};
   std::thread progress_;

@@ -38,10 +38,26 @@ class Writer {
 class Reader {
  public:
   explicit Reader(std::span<const uint8_t> in) : in_(in) {}
-  uint8_t U8() { uint8_t v = 0; Raw(&v, 1); return v; }
-  uint16_t U16() { uint16_t v = 0; Raw(&v, 2); return v; }
-  uint32_t U32() { uint32_t v = 0; Raw(&v, 4); return v; }
-  uint64_t U64() { uint64_t v = 0; Raw(&v, 8); return v; }
+  uint8_t U8() {
+    uint8_t v = 0;
+    Raw(&v, 1);
+    return v;
+  }
+  uint16_t U16() {
+    uint16_t v = 0;
+    Raw(&v, 2);
+    return v;
+  }
+  uint32_t U32() {
+    uint32_t v = 0;
+    Raw(&v, 4);
+    return v;
+  }
+  uint64_t U64() {
+    uint64_t v = 0;
+    Raw(&v, 8);
+    return v;
+  }
   std::string Str() {
     uint16_t n = U16();
     if (!Need(n)) return {};

@@ -31,16 +31,16 @@ constexpr uint64_t kByeAckContext = kSendContextBit | 1;
 struct ServerChunk {
   uint64_t tensor_id = 0;
   uint32_t chunk_index = 0;
-  uint32_t handle = 0;         // the imm workers push with
+  uint32_t handle = 0;  // the imm workers push with
   size_t count = 0;
-  uint64_t slot_bytes = 0;     // per worker push slot and for the aggregate
-  uint64_t slots_offset = 0;   // worker w's slot at slots_offset + w * slot_bytes
-  uint64_t out_offset = 0;     // in the tensor's out region
+  uint64_t slot_bytes = 0;    // per worker push slot and for the aggregate
+  uint64_t slots_offset = 0;  // worker w's slot at slots_offset + w * slot_bytes
+  uint64_t out_offset = 0;    // in the tensor's out region
   struct Tensor* tensor = nullptr;
 
-  std::mutex mu;               // serialises accumulation into sum (per chunk, not per element)
+  std::mutex mu;  // serialises accumulation into sum (per chunk, not per element)
   std::vector<float> sum;
-  uint32_t step = 0;           // rounds completed
+  uint32_t step = 0;  // rounds completed
   uint32_t arrived = 0;
   std::vector<uint8_t> arrived_from;  // per worker, this round
   std::vector<uint32_t> worker_handle;
@@ -57,7 +57,7 @@ struct Tensor {
   std::unique_ptr<kernels::ErrorFeedback> error_feedback;
   offload::AlignedBuffer slots, out;
   transport::MemoryRegion slots_region, out_region;
-  std::vector<ServerChunk*> chunks;  // by chunk index; null where another server owns it
+  std::vector<ServerChunk*> chunks;                  // by chunk index; null where another server owns it
   std::vector<transport::RemoteRegion> worker_recv;  // per worker
   std::vector<uint8_t> declared_by;
 };
@@ -81,7 +81,7 @@ class ServerImpl final : public Server {
     ZW_ASSIGN_OR_RETURN(backend_, transport::CreateBackend(options_.transport, bo));
     ZW_ASSIGN_OR_RETURN(std::string address, backend_->Listen());
     ZW_ASSIGN_OR_RETURN(boot_, transport::BootstrapClient::Join(options_.scheduler, transport::Role::kServer,
-                                                                 address, options_.timeout));
+                                                                address, options_.timeout));
     backend_->SetLocalRank(boot_->view().self_rank);
     num_workers_ = boot_->view().num_workers;
     if (num_workers_ == 0) return FailedPrecondition("the cluster has no workers");
@@ -100,19 +100,26 @@ class ServerImpl final : public Server {
       for (size_t i = 0; i < n; ++i) {
         transport::Completion& c = batch[i];
         switch (c.type) {
-          case transport::CompletionType::kWriteImm: OnPush(c); break;
-          case transport::CompletionType::kRecvMessage: OnControl(c.peer, c.message); break;
+          case transport::CompletionType::kWriteImm:
+            OnPush(c);
+            break;
+          case transport::CompletionType::kRecvMessage:
+            OnControl(c.peer, c.message);
+            break;
           case transport::CompletionType::kWriteDone:
-            if (!c.status.ok()) Fail(c.status.WithContext("writing an aggregate to worker " + std::to_string(c.peer)));
+            if (!c.status.ok())
+              Fail(c.status.WithContext("writing an aggregate to worker " + std::to_string(c.peer)));
             break;
           case transport::CompletionType::kSendDone:
-            if (c.context == kByeAckContext && --acks_in_flight_ == 0 && byes_ == num_workers_) stop_.store(true);
+            if (c.context == kByeAckContext && --acks_in_flight_ == 0 && byes_ == num_workers_)
+              stop_.store(true);
             break;
           case transport::CompletionType::kPeerError:
             if (c.peer < num_workers_ && bye_from_[c.peer]) break;  // left cleanly already
             Fail(c.status.WithContext("worker rank " + std::to_string(c.peer) + " failed"));
             break;
-          case transport::CompletionType::kPeerConnected: break;
+          case transport::CompletionType::kPeerConnected:
+            break;
         }
       }
       std::lock_guard<std::mutex> lock(mu_);
@@ -199,7 +206,8 @@ class ServerImpl final : public Server {
       t->flags = m.flags;
       ZW_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Codec> codec, kernels::CreateCodec(m.codec));
       t->codec = std::shared_ptr<const kernels::Codec>(std::move(codec));
-      if (m.flags & kFlagServerErrorFeedback) t->error_feedback = std::make_unique<kernels::ErrorFeedback>(t->codec);
+      if (m.flags & kFlagServerErrorFeedback)
+        t->error_feedback = std::make_unique<kernels::ErrorFeedback>(t->codec);
       t->chunks.assign(plan.size(), nullptr);
       t->worker_recv.resize(num_workers_);
       t->declared_by.assign(num_workers_, 0);
@@ -210,7 +218,8 @@ class ServerImpl final : public Server {
       std::vector<std::unique_ptr<ServerChunk>> created;
       for (const DeclareChunk& dc : m.chunks) {
         if (dc.chunk_index >= plan.size() || t->chunks[dc.chunk_index] != nullptr) {
-          return InvalidArgument("declaration lists chunk " + std::to_string(dc.chunk_index) + " twice or out of range");
+          return InvalidArgument("declaration lists chunk " + std::to_string(dc.chunk_index) +
+                                 " twice or out of range");
         }
         auto chunk = std::make_unique<ServerChunk>();
         chunk->tensor_id = t->id;
@@ -237,8 +246,8 @@ class ServerImpl final : public Server {
       t->slots = offload::AlignedBuffer(slots_total);
       t->out = offload::AlignedBuffer(out_total);
       if (!t->slots || !t->out) return Status(StatusCode::kResourceExhausted, "out of memory for slots");
-      ZW_ASSIGN_OR_RETURN(t->slots_region,
-                          backend_->RegisterMemory(t->slots.data(), slots_total, transport::MemoryKind::kHost));
+      ZW_ASSIGN_OR_RETURN(t->slots_region, backend_->RegisterMemory(t->slots.data(), slots_total,
+                                                                    transport::MemoryKind::kHost));
       ZW_ASSIGN_OR_RETURN(t->out_region,
                           backend_->RegisterMemory(t->out.data(), out_total, transport::MemoryKind::kHost));
       for (auto& c : created) handles_.push_back(std::move(c));
@@ -247,9 +256,10 @@ class ServerImpl final : public Server {
       t = it->second.get();
       if (t->elements != m.elements || t->partition_bytes != m.partition_bytes || t->codec_name != m.codec ||
           t->flags != m.flags) {
-        return InvalidArgument("worker " + std::to_string(worker) + " declared tensor " + std::to_string(m.tensor_id) +
-                               " differently from the first worker (" + std::to_string(m.elements) + " elements, " +
-                               m.codec + " vs " + std::to_string(t->elements) + " elements, " + t->codec_name + ")");
+        return InvalidArgument("worker " + std::to_string(worker) + " declared tensor " +
+                               std::to_string(m.tensor_id) + " differently from the first worker (" +
+                               std::to_string(m.elements) + " elements, " + m.codec + " vs " +
+                               std::to_string(t->elements) + " elements, " + t->codec_name + ")");
       }
     }
     if (t->declared_by[worker]) {
@@ -259,8 +269,8 @@ class ServerImpl final : public Server {
     size_t owned_here = 0;
     for (ServerChunk* c : t->chunks) owned_here += c != nullptr;
     if (m.chunks.size() != owned_here) {
-      return InvalidArgument("worker " + std::to_string(worker) + " placed tensor " + std::to_string(m.tensor_id) +
-                             " chunks differently from the first worker");
+      return InvalidArgument("worker " + std::to_string(worker) + " placed tensor " +
+                             std::to_string(m.tensor_id) + " chunks differently from the first worker");
     }
     for (const DeclareChunk& dc : m.chunks) {
       if (dc.chunk_index >= t->chunks.size() || t->chunks[dc.chunk_index] == nullptr) {
@@ -269,20 +279,19 @@ class ServerImpl final : public Server {
       }
       ServerChunk* c = t->chunks[dc.chunk_index];
       if (dc.slot_bytes < c->slot_bytes) {
-        return InvalidArgument("worker " + std::to_string(worker) + " slot for chunk " + std::to_string(dc.chunk_index) +
-                               " is smaller than the aggregate bound");
+        return InvalidArgument("worker " + std::to_string(worker) + " slot for chunk " +
+                               std::to_string(dc.chunk_index) + " is smaller than the aggregate bound");
       }
       c->worker_handle[worker] = dc.worker_handle;
       c->worker_recv_offset[worker] = dc.recv_offset;
-      ack->chunks.push_back(AckChunk{dc.chunk_index, c->handle, c->slots_offset + worker * c->slot_bytes,
-                                     c->slot_bytes});
+      ack->chunks.push_back(
+          AckChunk{dc.chunk_index, c->handle, c->slots_offset + worker * c->slot_bytes, c->slot_bytes});
     }
     t->worker_recv[worker] = m.worker_recv;
     t->declared_by[worker] = 1;
     ack->server_slots = transport::ToRemote(t->slots_region);
     return Status::Ok();
   }
-
 
   void OnPush(const transport::Completion& c) {
     if (c.imm >= handles_.size() || c.peer >= num_workers_) {
@@ -292,9 +301,10 @@ class ServerImpl final : public Server {
     ServerChunk* chunk = handles_[c.imm].get();
     const uint32_t w = c.peer;
     const uint64_t expected_offset = chunk->slots_offset + w * chunk->slot_bytes;
-    if (c.key != chunk->tensor->slots_region.key || c.offset != expected_offset || c.length > chunk->slot_bytes) {
-      Fail(Corrupt("worker " + std::to_string(w) + " wrote chunk " + std::to_string(chunk->chunk_index) + " of tensor " +
-                   std::to_string(chunk->tensor_id) + " outside its slot"));
+    if (c.key != chunk->tensor->slots_region.key || c.offset != expected_offset ||
+        c.length > chunk->slot_bytes) {
+      Fail(Corrupt("worker " + std::to_string(w) + " wrote chunk " + std::to_string(chunk->chunk_index) +
+                   " of tensor " + std::to_string(chunk->tensor_id) + " outside its slot"));
       return;
     }
     const uint64_t length = c.length;
@@ -317,8 +327,8 @@ class ServerImpl final : public Server {
                                          1.0f / static_cast<float>(num_workers_));
     }
     if (!s.ok()) {
-      Fail(s.WithContext("push of tensor " + std::to_string(t->id) + " chunk " + std::to_string(chunk->chunk_index) +
-                         " from worker " + std::to_string(w)));
+      Fail(s.WithContext("push of tensor " + std::to_string(t->id) + " chunk " +
+                         std::to_string(chunk->chunk_index) + " from worker " + std::to_string(w)));
       return;
     }
     chunk->arrived_from[w] = 1;
@@ -327,12 +337,14 @@ class ServerImpl final : public Server {
     // Every worker's push for this round is in: compress once, send to all.
     chunk->step += 1;
     uint8_t* out = t->out.data() + chunk->out_offset;
-    offload::WriteChunkHeader(offload::ChunkHeader{chunk->step, static_cast<uint32_t>(t->id), chunk->chunk_index}, out);
-    std::span<uint8_t> payload(out + offload::ChunkHeader::kBytes, chunk->slot_bytes - offload::ChunkHeader::kBytes);
+    offload::WriteChunkHeader(
+        offload::ChunkHeader{chunk->step, static_cast<uint32_t>(t->id), chunk->chunk_index}, out);
+    std::span<uint8_t> payload(out + offload::ChunkHeader::kBytes,
+                               chunk->slot_bytes - offload::ChunkHeader::kBytes);
     kernels::CodecContext ctx{options_.seed, t->id, chunk->chunk_index, chunk->step};
-    Result<size_t> written = t->error_feedback
-                                 ? t->error_feedback->Compress({t->id, chunk->chunk_index}, chunk->sum, payload, ctx)
-                                 : t->codec->Compress(chunk->sum, payload, ctx);
+    Result<size_t> written =
+        t->error_feedback ? t->error_feedback->Compress({t->id, chunk->chunk_index}, chunk->sum, payload, ctx)
+                          : t->codec->Compress(chunk->sum, payload, ctx);
     if (!written.ok()) {
       Fail(written.status().WithContext("compressing the aggregate of tensor " + std::to_string(t->id)));
       return;

@@ -16,7 +16,7 @@ struct ServerOptions {
   std::string scheduler = "127.0.0.1:9000";  // ZIPWIRE_SCHEDULER
   std::string transport = "tcp";             // ZIPWIRE_TRANSPORT
   std::string host = "127.0.0.1";
-  size_t threads = 2;                        // ZIPWIRE_SERVER_THREADS
+  size_t threads = 2;  // ZIPWIRE_SERVER_THREADS
   uint64_t seed = 0;
   std::chrono::milliseconds timeout{30000};
 };

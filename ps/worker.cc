@@ -2,8 +2,8 @@
 
 #include <condition_variable>
 #include <map>
-#include <optional>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "core/config.h"
@@ -25,9 +25,7 @@ using transport::PeerId;
 
 class WorkerImpl final : public Worker {
  public:
-  ~WorkerImpl() override {
-    (void)Shutdown();
-  }
+  ~WorkerImpl() override { (void)Shutdown(); }
 
   Status Init(WorkerOptions options) {
     options_ = options;
@@ -48,7 +46,7 @@ class WorkerImpl final : public Worker {
     ZW_ASSIGN_OR_RETURN(backend_, transport::CreateBackend(options_.transport, bo));
     ZW_ASSIGN_OR_RETURN(std::string address, backend_->Listen());
     ZW_ASSIGN_OR_RETURN(boot_, transport::BootstrapClient::Join(options_.scheduler, transport::Role::kWorker,
-                                                                 address, options_.timeout));
+                                                                address, options_.timeout));
     const transport::ClusterView& view = boot_->view();
     backend_->SetLocalRank(view.self_rank);
     for (const auto& server : view.WithRole(transport::Role::kServer)) {
@@ -82,7 +80,8 @@ class WorkerImpl final : public Worker {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (declared_.count(tensor_id)) {
-        return Status(StatusCode::kAlreadyExists, "tensor " + std::to_string(tensor_id) + " already declared");
+        return Status(StatusCode::kAlreadyExists,
+                      "tensor " + std::to_string(tensor_id) + " already declared");
       }
     }
 
@@ -96,14 +95,17 @@ class WorkerImpl final : public Worker {
     uint64_t total = 0;
     std::vector<uint64_t> offsets, sizes;
     for (const auto& c : chunks) {
-      uint64_t bytes = offload::AlignUp(offload::ChunkHeader::kBytes + codec->MaxCompressedBytes(c.count), 64);
+      uint64_t bytes =
+          offload::AlignUp(offload::ChunkHeader::kBytes + codec->MaxCompressedBytes(c.count), 64);
       offsets.push_back(total);
       sizes.push_back(bytes);
       total += bytes;
-      if (route.error_feedback) ZW_RETURN_IF_ERROR(route.error_feedback->Reserve({tensor_id, c.index}, c.count));
+      if (route.error_feedback)
+        ZW_RETURN_IF_ERROR(route.error_feedback->Reserve({tensor_id, c.index}, c.count));
     }
     TensorBuffers buffers{offload::AlignedBuffer(total), offload::AlignedBuffer(total)};
-    if (!buffers.send || !buffers.recv) return Status(StatusCode::kResourceExhausted, "out of memory for slots");
+    if (!buffers.send || !buffers.recv)
+      return Status(StatusCode::kResourceExhausted, "out of memory for slots");
     ZW_ASSIGN_OR_RETURN(route.send_region,
                         backend_->RegisterMemory(buffers.send.data(), total, transport::MemoryKind::kHost));
     ZW_ASSIGN_OR_RETURN(route.recv_region,
@@ -117,7 +119,8 @@ class WorkerImpl final : public Worker {
       cr.offset = chunks[i].offset;
       cr.count = chunks[i].count;
       cr.local_handle = next_handle_++;
-      cr.server = servers_[offload::ServerForChunk(tensor_id, cr.chunk_index, static_cast<uint32_t>(servers_.size()))];
+      cr.server = servers_[offload::ServerForChunk(tensor_id, cr.chunk_index,
+                                                   static_cast<uint32_t>(servers_.size()))];
       cr.send_offset = offsets[i];
       cr.recv_offset = offsets[i];
       cr.slot_bytes = sizes[i];
@@ -137,8 +140,8 @@ class WorkerImpl final : public Worker {
     }
     for (auto& [server, m] : per_server) {
       std::vector<uint8_t> bytes = Encode(m);
-      ZW_RETURN_IF_ERROR(pipeline_->SendControl(server, bytes).WithContext("declaring tensor " +
-                                                                            std::to_string(tensor_id)));
+      ZW_RETURN_IF_ERROR(
+          pipeline_->SendControl(server, bytes).WithContext("declaring tensor " + std::to_string(tensor_id)));
     }
     // Wait for every owning server to allocate our slots.
     std::unique_lock<std::mutex> lock(mu_);
@@ -146,8 +149,8 @@ class WorkerImpl final : public Worker {
     for (auto& [server, m] : per_server) {
       auto key = std::make_pair(tensor_id, server);
       if (!cv_.wait_until(lock, deadline, [&] { return pending_acks_[key].has_value() || !broken_.ok(); })) {
-        return Timeout("server rank " + std::to_string(server) + " did not answer the declaration of tensor " +
-                       std::to_string(tensor_id));
+        return Timeout("server rank " + std::to_string(server) +
+                       " did not answer the declaration of tensor " + std::to_string(tensor_id));
       }
       if (!broken_.ok()) return broken_;
       DeclareAckMessage ack = std::move(*pending_acks_[key]);
@@ -242,7 +245,9 @@ class WorkerImpl final : public Worker {
     p.set_value(std::move(s));
     return p.get_future();
   }
-  void CountDense(size_t elements) { dense_bytes_.fetch_add(elements * sizeof(float), std::memory_order_relaxed); }
+  void CountDense(size_t elements) {
+    dense_bytes_.fetch_add(elements * sizeof(float), std::memory_order_relaxed);
+  }
 
   void OnControl(PeerId peer, const std::vector<uint8_t>& bytes) {
     Result<MessageType> type = PeekType(bytes);

@@ -55,7 +55,8 @@ class Worker {
   virtual Status Declare(uint64_t tensor_id, size_t elements, const TensorOptions& options) = 0;
 
   // push and pull in one round; `in` and `out` may alias.
-  virtual std::future<Status> PushPull(uint64_t tensor_id, std::span<const float> in, std::span<float> out) = 0;
+  virtual std::future<Status> PushPull(uint64_t tensor_id, std::span<const float> in,
+                                       std::span<float> out) = 0;
   virtual std::future<Status> Push(uint64_t tensor_id, std::span<const float> in) = 0;
   virtual std::future<Status> Pull(uint64_t tensor_id, std::span<float> out) = 0;
 

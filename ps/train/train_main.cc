@@ -238,7 +238,8 @@ int RunWorker(const Options& o) {
   std::vector<uint8_t> y(o.batch);
   std::vector<std::future<Status>> pending(model.num_tensors());
   zw::train::LrSchedule schedule;
-  schedule.kind = o.schedule == "cosine" ? zw::train::LrSchedule::Kind::kCosine : zw::train::LrSchedule::Kind::kConstant;
+  schedule.kind =
+      o.schedule == "cosine" ? zw::train::LrSchedule::Kind::kCosine : zw::train::LrSchedule::Kind::kConstant;
   schedule.base_lr = o.lr;
   schedule.total_steps = static_cast<uint64_t>(steps) * o.epochs;
   uint64_t global_step = 0;

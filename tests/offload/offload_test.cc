@@ -1,9 +1,9 @@
+#include <gtest/gtest.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <set>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "offload/aligned_buffer.h"
 #include "offload/chunk_header.h"

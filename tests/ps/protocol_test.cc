@@ -1,8 +1,8 @@
-#include <random>
+#include "ps/protocol.h"
 
 #include <gtest/gtest.h>
 
-#include "ps/protocol.h"
+#include <random>
 
 namespace zipwire::ps {
 namespace {

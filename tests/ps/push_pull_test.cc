@@ -1,5 +1,6 @@
 // Multi-process push_pull: a scheduler (in this process), servers and two
 // workers as separate processes over loopback.
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -10,8 +11,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "transport/bootstrap.h"
 

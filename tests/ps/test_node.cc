@@ -110,7 +110,8 @@ int Worker(const std::string& scheduler, const std::string& scenario, const std:
             std::vector<uint8_t> enc((*c)->MaxCompressedBytes(len));
             auto w = (*c)->Compress(xs, enc, {});
             if (!w.ok() || !(*c)->DecompressAccumulate(std::span<const uint8_t>(enc.data(), *w), a,
-                                                      1.0f / static_cast<float>(n)).ok()) {
+                                                       1.0f / static_cast<float>(n))
+                                .ok()) {
               return 1;
             }
           }
@@ -122,7 +123,8 @@ int Worker(const std::string& scheduler, const std::string& scenario, const std:
           }
           err = std::sqrt(err);
           if (!(err <= bound * 1.0001 + 1e-6)) {
-            std::fprintf(stderr, "worker %u round %d: error %g exceeds the bound %g\n", rank, round, err, bound);
+            std::fprintf(stderr, "worker %u round %d: error %g exceeds the bound %g\n", rank, round, err,
+                         bound);
             return 1;
           }
         }
