@@ -4,6 +4,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <vector>
 
 #include "core/config.h"
@@ -60,7 +61,9 @@ class WorkerImpl final : public Worker {
     pipeline_->SetPeerErrorHandler([this](PeerId peer, const Status& status) {
       std::lock_guard<std::mutex> lock(mu_);
       // Servers close their connections once every worker said goodbye.
-      if (leaving_ && byes_pending_ == 0) return;
+      // A server closes once every worker said goodbye; the BYE_ACK it sent
+      // first arrives before the close, so an acknowledged server is done.
+      if (leaving_ && acked_servers_.count(peer)) return;
       ZW_LOG(kError, "server rank " << peer << " failed: " << status.ToString());
       if (broken_.ok()) broken_ = status;
       cv_.notify_all();
@@ -257,7 +260,7 @@ class WorkerImpl final : public Worker {
     }
     if (*type == MessageType::kByeAck) {
       std::lock_guard<std::mutex> lock(mu_);
-      if (byes_pending_ > 0) --byes_pending_;
+      if (acked_servers_.insert(peer).second && byes_pending_ > 0) --byes_pending_;
       cv_.notify_all();
       return;
     }
@@ -296,6 +299,7 @@ class WorkerImpl final : public Worker {
   std::map<uint64_t, DeclaredTensor> declared_;
   size_t byes_pending_ = 0;
   bool leaving_ = false;
+  std::set<PeerId> acked_servers_;
   Status broken_;
 };
 
