@@ -420,7 +420,9 @@ int RunServer(const Options& opt, Backend& backend) {
 
   // Like perftest, the server waits for its client without a deadline.
   PeerId peer = transport::kInvalidPeer;
-  Completion buf[16];
+  // One completion at a time: the client's parameters may arrive right
+  // behind kPeerConnected and must stay queued for WaitMessage below.
+  Completion buf[1];
   while (peer == transport::kInvalidPeer) {
     size_t n = backend.Poll(buf, std::chrono::milliseconds(1000));
     for (size_t i = 0; i < n; ++i) {

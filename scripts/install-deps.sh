@@ -10,6 +10,7 @@ PACKAGES=(
   libboost-dev libboost-system-dev
   libgtest-dev libgmock-dev googletest libbenchmark-dev
   libopenblas-dev zlib1g-dev
+  clang libclang-rt-14-dev
   dataset-fashion-mnist
   iperf3 qperf python3
   perftest qemu-system-x86 qemu-utils busybox kmod xz-utils iproute2

@@ -3,6 +3,12 @@
 #include <algorithm>
 
 #include "transport/tcp_backend.h"
+#ifdef ZIPWIRE_HAVE_UCX
+#include "transport/ucx_backend.h"
+#endif
+#ifdef ZIPWIRE_HAVE_VERBS
+#include "transport/verbs_backend.h"
+#endif
 
 namespace zipwire::transport {
 
@@ -64,8 +70,22 @@ RemoteRegion DecodeRemoteRegion(const uint8_t in[kRemoteRegionWireBytes]) {
 
 Result<std::unique_ptr<Backend>> CreateBackend(const std::string& name, const BackendOptions& options) {
   // Backends compiled into this build; ucx and verbs join the list when built.
-  static constexpr const char* kBuilt[] = {"tcp"};
+  static constexpr const char* kBuilt[] = {
+      "tcp",
+#ifdef ZIPWIRE_HAVE_UCX
+      "ucx",
+#endif
+#ifdef ZIPWIRE_HAVE_VERBS
+      "verbs",
+#endif
+  };
   if (name == "tcp") return CreateTcpBackend(options);
+#ifdef ZIPWIRE_HAVE_UCX
+  if (name == "ucx") return CreateUcxBackend(options);
+#endif
+#ifdef ZIPWIRE_HAVE_VERBS
+  if (name == "verbs") return CreateVerbsBackend(options);
+#endif
   std::string built;
   for (const char* b : kBuilt) built += (built.empty() ? "" : ", ") + std::string(b);
   return NotSupported("transport backend '" + name + "' is not built; available: " + built);
