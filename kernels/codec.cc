@@ -12,7 +12,10 @@
 //   [28, 32) reserved, must be zero (so a future use is detectable)
 #include "kernels/codec.h"
 
+#include <algorithm>
 #include <cctype>
+#include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <string>
 
@@ -22,14 +25,8 @@ namespace zipwire::kernels {
 
 namespace {
 
-void StoreLe64(uint8_t* p, uint64_t v) {
-  for (int i = 0; i < 8; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-uint64_t LoadLe64(const uint8_t* p) {
-  uint64_t v = 0;
-  for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
-  return v;
-}
+using internal::LoadLe64;
+using internal::StoreLe64;
 
 // Names and keys: lower-case identifiers, so specs stay unambiguous in env vars.
 bool IsIdentChar(char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-'; }
@@ -61,6 +58,20 @@ const char* CodecIdName(CodecId id) {
       return "fp16";
     case CodecId::kOnebit:
       return "onebit";
+    case CodecId::kBf16:
+      return "bf16";
+    case CodecId::kTopk:
+      return "topk";
+    case CodecId::kTopkSampled:
+      return "topk_sampled";
+    case CodecId::kRandomk:
+      return "randomk";
+    case CodecId::kDithering:
+      return "dithering";
+    case CodecId::kTerngrad:
+      return "terngrad";
+    case CodecId::kCountSketch:
+      return "countsketch";
   }
   return "unknown";
 }
@@ -92,6 +103,13 @@ Result<CodecSpec> CodecSpec::Parse(const std::string& raw) {
     const size_t comma = rest.find(',', pos);
     const std::string item = rest.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
     const size_t eq = item.find('=');
+    if (eq == std::string::npos && pos == 0 && !item.empty()) {
+      // A leading bare value with keys after it: "randomk:0.01,scale=1".
+      if (!AllOf(item, IsValueChar)) return bad("bad character in value '" + item + "'");
+      spec.params["value"] = item;
+      pos = comma + 1;  // comma exists: rest has a '=' after this item
+      continue;
+    }
     if (eq == std::string::npos) return bad("parameter '" + item + "' is not key=value");
     const std::string key = item.substr(0, eq);
     const std::string value = item.substr(eq + 1);
@@ -215,6 +233,77 @@ Result<std::span<const uint8_t>> ValidateSimple(std::span<const uint8_t> in, Cod
 Status RejectParams(const CodecSpec& spec) {
   if (spec.params.empty()) return Status::Ok();
   return InvalidArgument("codec '" + spec.name + "' takes no parameters, got '" + spec.ToString() + "'");
+}
+
+Result<WireHeader> ValidateHeader(std::span<const uint8_t> in, CodecId id, size_t out_elements) {
+  ZW_ASSIGN_OR_RETURN(WireHeader h, ParseHeader(in));
+  const std::string who = CodecIdName(id);
+  if (h.codec != id) {
+    return InvalidArgument(who + " codec given a buffer encoded by " + CodecIdName(h.codec));
+  }
+  if (h.elements != out_elements) {
+    return InvalidArgument(who + " buffer encodes " + std::to_string(h.elements) +
+                           " elements but the output holds " + std::to_string(out_elements));
+  }
+  return h;
+}
+
+Status CheckKeys(const CodecSpec& spec, std::initializer_list<const char*> allowed) {
+  for (const auto& [key, value] : spec.params) {
+    bool known = false;
+    for (const char* a : allowed) known = known || key == a;
+    if (!known) {
+      std::string list;
+      for (const char* a : allowed) list += std::string(list.empty() ? "" : ", ") + a;
+      return InvalidArgument("codec '" + spec.name + "': unknown parameter '" + key + "' (known: " + list + ")");
+    }
+  }
+  return Status::Ok();
+}
+
+bool IsRatioOrCount(double v) {
+  if (!(v > 0.0)) return false;  // also rejects NaN
+  if (v < 1.0) return true;
+  return v <= 4294967295.0 && v == std::floor(v);
+}
+
+Result<double> ParseRatioOrCount(const CodecSpec& spec, const std::string& key, double fallback) {
+  auto it = spec.params.find(key);
+  if (it == spec.params.end()) return fallback;
+  const std::string& text = it->second;
+  double v = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (ec != std::errc() || end != text.data() + text.size() || !IsRatioOrCount(v)) {
+    return InvalidArgument("codec '" + spec.name + "': '" + text +
+                           "' is neither a ratio in (0, 1) nor an integer count in [1, 2^32)");
+  }
+  return v;
+}
+
+Result<uint64_t> ParseUint(const CodecSpec& spec, const std::string& key, uint64_t fallback, uint64_t lo,
+                           uint64_t hi) {
+  auto it = spec.params.find(key);
+  if (it == spec.params.end()) return fallback;
+  const std::string& text = it->second;
+  uint64_t v = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (ec != std::errc() || end != text.data() + text.size() || v < lo || v > hi) {
+    return InvalidArgument("codec '" + spec.name + "': " + key + "=" + text + " is not an integer in [" +
+                           std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  }
+  return v;
+}
+
+std::string FormatNumber(double v) {
+  char buf[64];
+  const auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), v);
+  return ec == std::errc() ? std::string(buf, end) : std::to_string(v);
+}
+
+size_t KFor(double v, size_t n) {
+  if (n == 0) return 0;
+  double k = v < 1.0 ? std::max(1.0, std::round(v * static_cast<double>(n))) : v;
+  return k >= static_cast<double>(n) ? n : static_cast<size_t>(k);
 }
 
 }  // namespace internal

@@ -14,11 +14,23 @@
 
 namespace zipwire::kernels {
 
-enum class CodecId : uint8_t { kNone = 0, kFp16 = 1, kOnebit = 2 };
+enum class CodecId : uint8_t {
+  kNone = 0,
+  kFp16 = 1,
+  kOnebit = 2,
+  kBf16 = 3,
+  kTopk = 4,
+  kTopkSampled = 5,
+  kRandomk = 6,
+  kDithering = 7,
+  kTerngrad = 8,
+  kCountSketch = 9,
+};
 const char* CodecIdName(CodecId id);
 
-// "onebit", "fp16", "none", later "topk:0.01" or "dithering:s=16,norm=l2".
-// Parameters are NAME:VALUE or NAME:key=value[,key=value].
+// "onebit", "fp16", "none", "topk:0.01", "randomk:0.01,scale=1" or
+// "dithering:s=16,norm=l2". Parameters are NAME:VALUE, NAME:key=value[,key=value]
+// or NAME:VALUE,key=value[,key=value] (a bare value only in first place).
 struct CodecSpec {
   std::string name;
   std::map<std::string, std::string> params;  // a bare value is stored under "value"
@@ -63,7 +75,23 @@ class Codec {
 
   // Upper bound on ||x - decode(encode(x))||_2 for this input (the codec's
   // stated error bound), used by tests and by callers that check a result.
+  // For the randomised codecs it holds for every CodecContext.
   virtual double ErrorBoundL2(std::span<const float> input) const = 0;
+
+  // Compressed-domain aggregation. A codec is linear when a server can add
+  // encoded chunks without decoding them to full size first (countsketch,
+  // randomk with one shared context) or with a cheap elementwise
+  // decode-add-re-encode of the same size (fp16/bf16, summed in fp32).
+  virtual bool is_linear() const { return false; }
+
+  // accum (an encoded buffer of this codec, same element count and
+  // parameters, the sum so far) += in, in place; accum keeps its size. Each
+  // codec documents what "+=" means exactly. kNotSupported if !is_linear();
+  // kInvalidArgument if the two buffers' shapes or parameters differ; kCorrupt
+  // if either is malformed. On error accum is left unchanged.
+  virtual Status AccumulateEncoded(std::span<const uint8_t> /*in*/, std::span<uint8_t> /*accum*/) const {
+    return Status(StatusCode::kNotSupported, name() + " cannot aggregate encoded buffers");
+  }
 };
 
 // Fixed 32-byte little-endian header in front of every encoded chunk.
@@ -74,10 +102,10 @@ struct WireHeader {
 
   uint8_t version = kVersion;
   CodecId codec = CodecId::kNone;
-  uint16_t param_bytes = 0;     // codec parameter block right after the header
-  uint64_t elements = 0;        // float count encoded
-  uint64_t payload_bytes = 0;   // bytes after header + params
-  uint32_t param_word = 0;      // small codec parameter (e.g. bits per value), 0 if unused
+  uint16_t param_bytes = 0;    // codec parameter block right after the header
+  uint64_t elements = 0;       // float count encoded
+  uint64_t payload_bytes = 0;  // bytes after header + params
+  uint32_t param_word = 0;     // small codec parameter (e.g. bits per value), 0 if unused
 };
 
 void EncodeHeader(const WireHeader& header, std::span<uint8_t, WireHeader::kBytes> out);
@@ -85,7 +113,8 @@ void EncodeHeader(const WireHeader& header, std::span<uint8_t, WireHeader::kByte
 // exactly inside `in` (no trailing garbage, no overrun).
 Result<WireHeader> ParseHeader(std::span<const uint8_t> in);
 
-// Registry by name. Built-ins (none, fp16, onebit) are registered at start-up.
+// Registry by name. Built-ins (none, fp16, onebit, bf16, topk, topk_sampled,
+// randomk, dithering, terngrad, countsketch) are registered at start-up.
 using CodecFactory = Result<std::unique_ptr<Codec>> (*)(const CodecSpec& spec);
 Status RegisterCodec(const std::string& name, CodecId id, CodecFactory factory);
 Result<std::unique_ptr<Codec>> CreateCodec(const CodecSpec& spec);

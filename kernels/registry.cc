@@ -71,6 +71,13 @@ Registry& GetRegistry() {
     (void)r->Add("none", CodecId::kNone, internal::MakeNoneCodec);
     (void)r->Add("fp16", CodecId::kFp16, internal::MakeFp16Codec);
     (void)r->Add("onebit", CodecId::kOnebit, internal::MakeOnebitCodec);
+    (void)r->Add("bf16", CodecId::kBf16, internal::MakeBf16Codec);
+    (void)r->Add("topk", CodecId::kTopk, internal::MakeTopkCodec);
+    (void)r->Add("topk_sampled", CodecId::kTopkSampled, internal::MakeTopkSampledCodec);
+    (void)r->Add("randomk", CodecId::kRandomk, internal::MakeRandomkCodec);
+    (void)r->Add("dithering", CodecId::kDithering, internal::MakeDitheringCodec);
+    (void)r->Add("terngrad", CodecId::kTerngrad, internal::MakeTerngradCodec);
+    (void)r->Add("countsketch", CodecId::kCountSketch, internal::MakeCountSketchCodec);
     return r;
   }();
   return *registry;

@@ -65,7 +65,7 @@ TEST_P(BadInput, CorruptHeaderFields) {
     b[4] = v;
     ExpectRejected(*codec, b, n, "version");
   }
-  for (uint8_t id : {3, 17, 255}) {
+  for (uint8_t id : {99, 17, 255}) {  // unregistered ids
     auto b = good;
     b[5] = id;
     ExpectRejected(*codec, b, n, "codec id");
@@ -73,7 +73,7 @@ TEST_P(BadInput, CorruptHeaderFields) {
   }
   for (size_t at : {6, 7, 24, 27, 28, 31}) {  // param_bytes, param_word, reserved
     auto b = good;
-    b[at] = 1;
+    b[at] = b[at] == 1 ? 2 : 1;  // always a change (topk's param_word may be 1)
     ExpectRejected(*codec, b, n, "params/reserved");
   }
   for (uint64_t huge : {std::numeric_limits<uint64_t>::max(), std::numeric_limits<uint64_t>::max() - 31,
@@ -96,7 +96,9 @@ TEST_P(BadInput, CorruptHeaderFields) {
     auto b = good;
     Put64(b, 8, elements);
     ExpectRejected(*codec, b, n, "elements in header");
-    if (elements < 1000) ExpectRejected(*codec, b, elements, "elements vs payload");
+    if (elements < 1000 && testing::PayloadPinsElementCount(GetParam())) {
+      ExpectRejected(*codec, b, elements, "elements vs payload");
+    }
   }
 }
 
@@ -113,8 +115,8 @@ TEST_P(BadInput, OutputSpanMismatch) {
 TEST_P(BadInput, OtherCodecsBuffers) {
   auto codec = MustCreate(GetParam());
   for (const auto& other_name : testing::BuiltinCodecs()) {
-    if (other_name == GetParam()) continue;
     auto other = MustCreate(other_name);
+    if (other->id() == codec->id()) continue;  // the same codec: self-describing, decodes
     for (size_t n : {0, 5, 64}) {
       const auto buf = Encode(*other, RandomNormal(n, 13));
       ExpectRejected(*codec, buf, n, "other codec");

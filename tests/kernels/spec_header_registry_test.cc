@@ -56,6 +56,19 @@ TEST(CodecSpec, RejectsBadSyntax) {
   EXPECT_NE(CodecSpec::Parse(":x").status().message().find("empty codec name"), std::string::npos);
 }
 
+TEST(CodecSpec, ParsesLeadingBareValueWithKeys) {
+  auto spec = CodecSpec::Parse("randomk:0.01,scale=1");
+  ASSERT_TRUE(spec.ok()) << spec.status().ToString();
+  EXPECT_EQ(spec->params, (std::map<std::string, std::string>{{"value", "0.01"}, {"scale", "1"}}));
+  auto again = CodecSpec::Parse(spec->ToString());
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->params, spec->params);
+  for (const char* text :
+       {"randomk:0.01,0.02,a=1", "randomk:a=1,0.01", "randomk:0.01,value=2", "randomk:0.01,"}) {
+    EXPECT_FALSE(CodecSpec::Parse(text).ok()) << text;
+  }
+}
+
 TEST(CodecSpec, RoundTrips) {
   for (const char* text :
        {"onebit", "fp16", "none", "topk:0.01", "dithering:norm=l2,s=16", "x:a=1,value=2"}) {
@@ -75,6 +88,13 @@ TEST(CodecIdName, NamesEveryId) {
   EXPECT_STREQ(CodecIdName(CodecId::kNone), "none");
   EXPECT_STREQ(CodecIdName(CodecId::kFp16), "fp16");
   EXPECT_STREQ(CodecIdName(CodecId::kOnebit), "onebit");
+  EXPECT_STREQ(CodecIdName(CodecId::kBf16), "bf16");
+  EXPECT_STREQ(CodecIdName(CodecId::kTopk), "topk");
+  EXPECT_STREQ(CodecIdName(CodecId::kTopkSampled), "topk_sampled");
+  EXPECT_STREQ(CodecIdName(CodecId::kRandomk), "randomk");
+  EXPECT_STREQ(CodecIdName(CodecId::kDithering), "dithering");
+  EXPECT_STREQ(CodecIdName(CodecId::kTerngrad), "terngrad");
+  EXPECT_STREQ(CodecIdName(CodecId::kCountSketch), "countsketch");
   EXPECT_STREQ(CodecIdName(static_cast<CodecId>(77)), "unknown");
 }
 
@@ -142,8 +162,8 @@ TEST(WireHeader, RejectsMalformed) {
   b[4] = 2;
   ExpectCorrupt(b, "version 2");
   b = HeaderOnly(0);
-  b[5] = 3;
-  ExpectCorrupt(b, "codec id 3");
+  b[5] = 99;
+  ExpectCorrupt(b, "codec id 99");
   b = HeaderOnly(0);
   b[31] = 1;
   ExpectCorrupt(b, "reserved");
@@ -177,6 +197,53 @@ TEST(Registry, CreatesBuiltins) {
     ASSERT_TRUE(by_id.ok()) << by_id.status().ToString();
     EXPECT_EQ((*by_id)->id(), id);
     EXPECT_EQ(CodecForId(id).value(), by_id.value()) << "CodecForId must hand out one shared instance";
+  }
+}
+
+TEST(Registry, CreatesEveryCodecAndItsNameRebuildsIt) {
+  for (const char* text : {"bf16", "topk", "topk:0.05", "topk:100", "topk_sampled", "topk_sampled:0.001",
+                           "randomk", "randomk:0.1", "randomk:0.1,scale=1", "randomk:7,scale=0", "dithering",
+                           "dithering:s=3", "dithering:levels=natural,s=8", "dithering:norm=max,s=255",
+                           "terngrad", "countsketch", "countsketch:r=7,c=100", "countsketch:k=3,r=1,c=8"}) {
+    auto codec = CreateCodec(text);
+    ASSERT_TRUE(codec.ok()) << text << ": " << codec.status().ToString();
+    auto again = CreateCodec((*codec)->name());
+    ASSERT_TRUE(again.ok()) << (*codec)->name() << ": " << again.status().ToString();
+    EXPECT_EQ((*again)->name(), (*codec)->name());
+    EXPECT_EQ((*again)->id(), (*codec)->id());
+    EXPECT_TRUE(CodecForId((*codec)->id()).ok()) << text;
+  }
+}
+
+TEST(Registry, RejectsBadCodecParameters) {
+  for (const char* text : {"bf16:1",
+                           "terngrad:x=1",
+                           "topk:0",
+                           "topk:-0.5",
+                           "topk:1.5",
+                           "topk:abc",
+                           "topk:nan",
+                           "topk:inf",
+                           "topk:1e10",
+                           "topk:k=5",
+                           "topk_sampled:0",
+                           "randomk:0",
+                           "randomk:0.1,scale=2",
+                           "randomk:0.1,foo=1",
+                           "dithering:s=0",
+                           "dithering:s=65536",
+                           "dithering:levels=natural,s=33",
+                           "dithering:levels=log",
+                           "dithering:norm=l1",
+                           "dithering:s=x",
+                           "countsketch:r=0",
+                           "countsketch:r=65",
+                           "countsketch:c=0",
+                           "countsketch:k=0",
+                           "countsketch:d=3"}) {
+    auto codec = CreateCodec(text);
+    ASSERT_FALSE(codec.ok()) << text;
+    EXPECT_EQ(codec.status().code(), StatusCode::kInvalidArgument) << text;
   }
 }
 

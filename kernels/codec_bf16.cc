@@ -1,0 +1,131 @@
+// The "bf16" codec: bfloat16 (the top half of a binary32), round to nearest even.
+//
+// Wire format: header (codec kBf16, param_bytes 0, param_word 0,
+// payload_bytes = 2 * elements) followed by the elements as little-endian
+// bfloat16. Rounding: to nearest, ties to even, on the 16 dropped bits; finite
+// values of magnitude >= 0x7f7f8000 (half an ulp past the largest bf16)
+// become +-Inf; Inf stays Inf; NaN stays NaN, made quiet (bit 6 of the bf16,
+// the float's bit 22, set) with its top 6 payload bits and sign kept; float
+// subnormals keep bf16's (same exponent range) subnormals or round to +-0.
+// Decode is exact: the bf16 bits become the float's top half.
+//
+// Linear (AccumulateEncoded): accum = bf16(decode(accum) + decode(in)), one
+// float addition and one rounding per element, so a sum of m buffers carries
+// up to m roundings (the server-side sum is an fp32 sum re-rounded each time).
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "kernels/codec_internal.h"
+
+namespace zipwire::kernels {
+namespace {
+
+// Loops over plain integer arithmetic, so they vectorise (the NaN test is a
+// select); the byte side is little-endian and may be unaligned.
+void ToBf16(const float* in, uint8_t* out, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    const uint16_t h = internal::FloatToBf16(in[i]);
+    std::memcpy(out + 2 * i, &h, 2);
+  }
+}
+
+template <bool kAccumulate>
+void FromBf16(const uint8_t* in, float* out, size_t n, float alpha) {
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, in + 2 * i, 2);
+    const float v = internal::Bf16ToFloat(h);
+    if constexpr (kAccumulate) {
+      out[i] += alpha * v;
+    } else {
+      out[i] = v;
+    }
+  }
+}
+
+class Bf16Codec final : public Codec {
+ public:
+  CodecId id() const override { return CodecId::kBf16; }
+  std::string name() const override { return "bf16"; }
+
+  size_t MaxCompressedBytes(size_t elements) const override {
+    return internal::SatAdd(WireHeader::kBytes, internal::SatMul(elements, 2));
+  }
+
+  Result<size_t> Compress(std::span<const float> input, std::span<uint8_t> out,
+                          const CodecContext& /*ctx*/) const override {
+    ZW_RETURN_IF_ERROR(internal::CheckOutputSize(*this, input.size(), out.size()));
+    const size_t payload = input.size() * 2;
+    internal::WriteSimpleHeader(CodecId::kBf16, input.size(), payload, out);
+    ToBf16(input.data(), out.data() + WireHeader::kBytes, input.size());
+    return WireHeader::kBytes + payload;
+  }
+
+  Status Decompress(std::span<const uint8_t> in, std::span<float> out) const override {
+    ZW_ASSIGN_OR_RETURN(auto payload,
+                        internal::ValidateSimple(in, CodecId::kBf16, out.size(), out.size() * 2));
+    FromBf16<false>(payload.data(), out.data(), out.size(), 1.0f);
+    return Status::Ok();
+  }
+
+  Status DecompressAccumulate(std::span<const uint8_t> in, std::span<float> accum,
+                              float alpha) const override {
+    ZW_ASSIGN_OR_RETURN(auto payload,
+                        internal::ValidateSimple(in, CodecId::kBf16, accum.size(), accum.size() * 2));
+    FromBf16<true>(payload.data(), accum.data(), accum.size(), alpha);
+    return Status::Ok();
+  }
+
+  // Round to nearest errs by at most half a bf16 ulp: |x| * 2^-8 for normal
+  // values, 2^-134 (half the subnormal step 2^-133) below 2^-126. Inputs that
+  // round to Inf, and non-finite inputs, make the bound infinite.
+  double ErrorBoundL2(std::span<const float> input) const override {
+    double sum = 0.0;
+    for (float x : input) {
+      if ((std::bit_cast<uint32_t>(x) & 0x7fffffffu) >= 0x7f7f8000u) {
+        return std::numeric_limits<double>::infinity();
+      }
+      const double e = std::max(std::fabs(static_cast<double>(x)) * 0x1p-8, 0x1p-134);
+      sum += e * e;
+    }
+    return std::sqrt(sum);
+  }
+
+  bool is_linear() const override { return true; }
+
+  Status AccumulateEncoded(std::span<const uint8_t> in, std::span<uint8_t> accum) const override {
+    ZW_ASSIGN_OR_RETURN(WireHeader ha, ParseHeader(accum));
+    if (ha.codec != CodecId::kBf16) return InvalidArgument("bf16: accumulator is not a bf16 buffer");
+    const size_t n = ha.elements;
+    // payload_bytes was checked against the real size, so n * 2 cannot wrap.
+    if (ha.payload_bytes / 2 != n || ha.payload_bytes % 2 != 0) {
+      return Corrupt("bf16: accumulator payload does not hold its element count");
+    }
+    ZW_ASSIGN_OR_RETURN(auto src, internal::ValidateSimple(in, CodecId::kBf16, n, n * 2));
+    ZW_RETURN_IF_ERROR(internal::ValidateSimple(accum, CodecId::kBf16, n, n * 2).status());
+    uint8_t* dst = accum.data() + WireHeader::kBytes;
+    constexpr size_t kBlock = 1024;
+    float a[kBlock], b[kBlock];
+    for (size_t base = 0; base < n; base += kBlock) {
+      const size_t len = std::min(kBlock, n - base);
+      FromBf16<false>(dst + 2 * base, a, len, 1.0f);
+      FromBf16<false>(src.data() + 2 * base, b, len, 1.0f);
+      for (size_t i = 0; i < len; ++i) a[i] += b[i];
+      ToBf16(a, dst + 2 * base, len);
+    }
+    return Status::Ok();
+  }
+};
+
+}  // namespace
+
+namespace internal {
+Result<std::unique_ptr<Codec>> MakeBf16Codec(const CodecSpec& spec) {
+  ZW_RETURN_IF_ERROR(RejectParams(spec));
+  return std::unique_ptr<Codec>(std::make_unique<Bf16Codec>());
+}
+}  // namespace internal
+}  // namespace zipwire::kernels

@@ -1,0 +1,350 @@
+// The "dithering" codec (QSGD, Alistarh et al. 2017; natural dithering,
+// Horvath et al. 2019): each element becomes norm * sign(x) * level, the level
+// stochastically rounded between its two neighbouring levels so that
+// E[decode] = x.
+//
+// Spec: dithering:s=S[,levels=linear|natural][,norm=l2|max]; defaults s=16,
+// linear, l2. linear: levels l/s, l = 0..s, S in [1, 65535]. natural: levels 0
+// and 2^(l-s), l = 1..s (powers of two down to 2^(1-s)), S in [1, 32].
+//
+// Quantisation of element j (r = |x_j| / norm, in [0, 1]):
+//   linear:  a = |x_j| * (s / norm) (float), l = floor(a) + (u_j < a - floor(a));
+//   natural: r = |x_j| * (1 / norm); for r >= 2^(1-s), with r = (1 + f) * 2^e,
+//            l = s + e + (u_j < f); below, l = (u_j < r * 2^(s-1)) (0 or 1);
+// clamped to s, u_j = PhiloxUniform(draw j) of the stream (seed, tensor,
+// chunk, step, kDithering). Level 0 always has sign 0.
+//
+// Wire format: header (codec kDithering, param_bytes 0,
+// param_word = s | natural << 16 | max_norm << 17, other bits zero,
+// payload_bytes = 4 + ceil(n * w / 8), w = ceil(log2(s + 1)) + 1), then
+//   norm: binary32, finite, >= +0 (l2: sqrt of the double sum of squares,
+//         rounded to float; max: max |x|);
+//   codes: n codes of w bits, code = level << 1 | sign, element j at bits
+//          [j*w, (j+1)*w) of the little-endian bit stream; padding bits 0.
+// Decode: linear level l -> l * (norm / s) (float), natural -> norm * 2^(l-s);
+// negated when the sign bit is set. Codes with level > s, or level 0 with the
+// sign set, are kCorrupt.
+//
+// Non-finite input (or an L2 norm beyond FLT_MAX) cannot be quantised against
+// a norm: Compress fails with kInvalidArgument and ErrorBoundL2 is infinite.
+//
+// ErrorBoundL2: each nonzero element lands on one of the two levels around it:
+// linear errs by at most norm/s per nonzero element; natural by at most
+// max(|x_j|, norm * 2^(1-s)) (the gap below a level 2^-t is 2^-(t+1) <= r);
+// with slack for the float arithmetic. Zero elements decode exactly to 0.
+#include <algorithm>
+#include <bit>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "kernels/codec_internal.h"
+#include "kernels/philox.h"
+
+namespace zipwire::kernels {
+namespace {
+
+constexpr uint32_t kNaturalBit = 1u << 16;
+constexpr uint32_t kMaxNormBit = 1u << 17;
+constexpr size_t kBlock = 1024;  // elements quantised per batch of draws
+
+struct Config {
+  uint32_t s = 16;
+  bool natural = false;
+  bool max_norm = false;
+
+  uint32_t word() const { return s | (natural ? kNaturalBit : 0u) | (max_norm ? kMaxNormBit : 0u); }
+  uint32_t bits() const { return static_cast<uint32_t>(std::bit_width(s)) + 1; }  // ceil(log2(s+1)) + 1
+};
+
+size_t PayloadFor(size_t n, uint32_t w) {
+  const size_t bits = internal::SatMul(n, w);
+  return internal::SatAdd(4, bits / 8 + (bits % 8 != 0 ? 1 : 0));
+}
+
+// The norm, or a status for input it cannot quantise.
+Result<float> NormOf(std::span<const float> x, bool max_norm) {
+  if (max_norm) {
+    uint32_t m = 0;
+    for (float v : x) m = std::max(m, std::bit_cast<uint32_t>(v) & 0x7fffffffu);
+    if (m >= 0x7f800000u) return InvalidArgument("dithering: input has a NaN or infinity");
+    return std::bit_cast<float>(m);
+  }
+  // Lanes so the double sum vectorises without reassociation by the compiler.
+  double acc[8] = {};
+  const size_t n = x.size();
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (size_t l = 0; l < 8; ++l) acc[l] += static_cast<double>(x[i + l]) * x[i + l];
+  }
+  for (; i < n; ++i) acc[0] += static_cast<double>(x[i]) * x[i];
+  const double sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  if (!std::isfinite(sum)) return InvalidArgument("dithering: input has a NaN or infinity");
+  const float norm = static_cast<float>(std::sqrt(sum));
+  if (!(norm <= FLT_MAX)) return InvalidArgument("dithering: the L2 norm overflows float");
+  return norm;
+}
+
+// Codes of x[0..len) into codes[], draws u[] (len of them).
+void Quantise(const Config& c, float norm, const float* x, const uint32_t* u, size_t len, uint32_t* codes) {
+  if (norm == 0.0f) {
+    std::fill(codes, codes + len, 0u);
+    return;
+  }
+  const uint32_t s = c.s;
+  if (!c.natural) {
+    const float mult = static_cast<float>(s) / norm;
+    for (size_t i = 0; i < len; ++i) {
+      const uint32_t xb = std::bit_cast<uint32_t>(x[i]);
+      const float a = std::bit_cast<float>(xb & 0x7fffffffu) * mult;
+      // int32 conversions (s <= 65535) so the loop vectorises.
+      const int32_t fl = static_cast<int32_t>(std::min(a, static_cast<float>(s)));
+      const float p = a - static_cast<float>(fl);
+      const uint32_t l = std::min(static_cast<uint32_t>(fl) + (PhiloxUniform(u[i]) < p ? 1u : 0u), s);
+      codes[i] = l == 0 ? 0u : (l << 1 | xb >> 31);
+    }
+  } else {
+    const float inv = 1.0f / norm;
+    const float below_scale = std::ldexp(1.0f, static_cast<int>(s) - 1);
+    const int32_t min_exp = 1 - static_cast<int32_t>(s);
+    for (size_t i = 0; i < len; ++i) {
+      const uint32_t xb = std::bit_cast<uint32_t>(x[i]);
+      const float r = std::min(std::bit_cast<float>(xb & 0x7fffffffu) * inv, 1.0f);
+      const uint32_t rb = std::bit_cast<uint32_t>(r);
+      const int32_t e = static_cast<int32_t>(rb >> 23) - 127;
+      const float f = static_cast<float>(rb & 0x7fffffu) * 0x1p-23f;
+      const float uf = PhiloxUniform(u[i]);
+      uint32_t l;
+      if (e >= min_exp) {
+        l = static_cast<uint32_t>(static_cast<int32_t>(s) + e) + (uf < f ? 1u : 0u);
+      } else {
+        l = uf < r * below_scale ? 1u : 0u;
+      }
+      l = std::min(l, s);
+      codes[i] = l == 0 ? 0u : (l << 1 | xb >> 31);
+    }
+  }
+}
+
+// Little-endian bit stream of w-bit codes.
+class BitWriter {
+ public:
+  BitWriter(uint8_t* out, uint32_t w) : p_(out), w_(w) {}
+  void Put(const uint32_t* codes, size_t len) {
+    uint64_t acc = acc_;
+    uint32_t bits = bits_;
+    for (size_t i = 0; i < len; ++i) {
+      acc |= static_cast<uint64_t>(codes[i]) << bits;
+      bits += w_;
+      if (bits >= 32) {
+        internal::StoreLe32(p_, static_cast<uint32_t>(acc));
+        p_ += 4;
+        acc >>= 32;
+        bits -= 32;
+      }
+    }
+    acc_ = acc;
+    bits_ = bits;
+  }
+  void Finish() {
+    for (uint32_t b = 0; b < bits_; b += 8) *p_++ = static_cast<uint8_t>(acc_ >> b);
+  }
+
+ private:
+  uint8_t* p_;
+  uint32_t w_;
+  uint64_t acc_ = 0;
+  uint32_t bits_ = 0;
+};
+
+// Random access to the w-bit codes: code j is read with one unaligned 64-bit
+// load at byte j*w/8 (w <= 17, so it spans at most 3 bytes past the shift);
+// the last codes, whose load would pass the end, read from a zero-padded copy.
+class CodeReader {
+ public:
+  CodeReader(const uint8_t* in, size_t bytes, uint32_t w) : in_(in), w_(w), mask_((uint64_t{1} << w) - 1) {
+    fast_ = bytes >= 8 ? ((bytes - 8) * 8) / w : 0;  // (j*w)/8 + 8 <= bytes for j < fast_
+    tail_at_ = fast_ * w / 8;
+    std::memcpy(tail_, in + tail_at_, bytes - tail_at_);  // < 8 + 3 bytes
+  }
+  uint32_t operator()(size_t j) const {
+    const size_t bit = j * w_;
+    uint64_t v;
+    if (j < fast_) {
+      std::memcpy(&v, in_ + bit / 8, 8);
+    } else {
+      std::memcpy(&v, tail_ + (bit / 8 - tail_at_), 8);
+    }
+    return static_cast<uint32_t>((v >> (bit % 8)) & mask_);
+  }
+  size_t fast() const { return fast_; }
+
+ private:
+  const uint8_t* in_;
+  uint32_t w_;
+  uint64_t mask_;
+  size_t fast_;
+  size_t tail_at_;
+  uint8_t tail_[32] = {};
+};
+
+class DitheringCodec final : public Codec {
+ public:
+  explicit DitheringCodec(Config c) : c_(c) {}
+
+  CodecId id() const override { return CodecId::kDithering; }
+  std::string name() const override {
+    return "dithering:levels=" + std::string(c_.natural ? "natural" : "linear") +
+           ",norm=" + (c_.max_norm ? "max" : "l2") + ",s=" + std::to_string(c_.s);
+  }
+
+  size_t MaxCompressedBytes(size_t elements) const override {
+    return internal::SatAdd(WireHeader::kBytes, PayloadFor(elements, c_.bits()));
+  }
+
+  Result<size_t> Compress(std::span<const float> input, std::span<uint8_t> out,
+                          const CodecContext& ctx) const override {
+    ZW_RETURN_IF_ERROR(internal::CheckOutputSize(*this, input.size(), out.size()));
+    const size_t n = input.size();
+    ZW_ASSIGN_OR_RETURN(float norm, NormOf(input, c_.max_norm));
+    const size_t payload = PayloadFor(n, c_.bits());
+    WireHeader h;
+    h.codec = CodecId::kDithering;
+    h.elements = n;
+    h.payload_bytes = payload;
+    h.param_word = c_.word();
+    EncodeHeader(h, out.first<WireHeader::kBytes>());
+    uint8_t* p = out.data() + WireHeader::kBytes;
+    internal::StoreF32(p, norm);
+    const PhiloxStream stream(ctx.seed, ctx.tensor_id, ctx.chunk_index, ctx.step, PhiloxPurpose::kDithering);
+    BitWriter writer(p + 4, c_.bits());
+    uint32_t u[kBlock], codes[kBlock];
+    for (size_t base = 0; base < n; base += kBlock) {
+      const size_t len = std::min(kBlock, n - base);
+      stream.Fill(base / 4, (len + 3) / 4, u);  // base is a multiple of 4
+      Quantise(c_, norm, input.data() + base, u, len, codes);
+      writer.Put(codes, len);
+    }
+    writer.Finish();
+    return WireHeader::kBytes + payload;
+  }
+
+  Status Decompress(std::span<const uint8_t> in, std::span<float> out) const override {
+    return Decode<false>(in, out, 1.0f);
+  }
+
+  Status DecompressAccumulate(std::span<const uint8_t> in, std::span<float> accum,
+                              float alpha) const override {
+    return Decode<true>(in, accum, alpha);
+  }
+
+  double ErrorBoundL2(std::span<const float> input) const override {
+    auto norm = NormOf(input, c_.max_norm);
+    if (!norm.ok()) return std::numeric_limits<double>::infinity();
+    const double nd = *norm;
+    double sum = 0.0;
+    if (!c_.natural) {
+      size_t nonzero = 0;
+      for (float x : input) nonzero += x != 0.0f ? 1 : 0;
+      const double step = nd / c_.s * (1.0 + c_.s * 0x1p-21 + 1e-6);
+      sum = static_cast<double>(nonzero) * step * step;
+    } else {
+      const double floor_gap = std::ldexp(nd, 1 - static_cast<int>(c_.s));
+      for (float x : input) {
+        if (x == 0.0f) continue;
+        const double e = std::max(std::fabs(static_cast<double>(x)), floor_gap) * (1.0 + 1e-6);
+        sum += e * e;
+      }
+    }
+    return std::sqrt(sum) * (1.0 + 1e-9) + 1e-30;
+  }
+
+ private:
+  template <bool kAccumulate>
+  Status Decode(std::span<const uint8_t> in, std::span<float> out, float alpha) const {
+    const size_t n = out.size();
+    ZW_ASSIGN_OR_RETURN(WireHeader h, internal::ValidateHeader(in, CodecId::kDithering, n));
+    if (h.param_bytes != 0) return Corrupt("dithering: unexpected parameter block");
+    Config c;
+    c.s = h.param_word & 0xffffu;
+    c.natural = (h.param_word & kNaturalBit) != 0;
+    c.max_norm = (h.param_word & kMaxNormBit) != 0;
+    if ((h.param_word >> 18) != 0 || c.s == 0 || (c.natural && c.s > 32)) {
+      return Corrupt("dithering: bad parameter word " + std::to_string(h.param_word));
+    }
+    const uint32_t w = c.bits();
+    if (h.payload_bytes != PayloadFor(n, w)) {
+      return Corrupt("dithering: payload is " + std::to_string(h.payload_bytes) + " bytes, " +
+                     std::to_string(n) + " codes of " + std::to_string(w) + " bits need " +
+                     std::to_string(PayloadFor(n, w)));
+    }
+    const uint8_t* p = in.data() + WireHeader::kBytes;
+    const float norm = internal::LoadF32(p);
+    if (!(norm >= 0.0f && norm <= FLT_MAX) || std::signbit(norm)) {
+      return Corrupt("dithering: norm is not a finite non-negative number");
+    }
+    const size_t stream_bytes = h.payload_bytes - 4;
+    const CodeReader code(p + 4, stream_bytes, w);
+    {
+      // Validate every code (and the padding) before touching the output.
+      uint32_t bad = 0;
+      const uint32_t max_code = c.s << 1 | 1u;
+      for (size_t j = 0; j < n; ++j) {
+        const uint32_t v = code(j);
+        bad |= (v > max_code) | (v == 1u);
+      }
+      if (bad != 0) return Corrupt("dithering: a code has a level above s or a signed zero");
+      const size_t used = internal::SatMul(n, w);
+      if (used % 8 != 0 && (p[4 + stream_bytes - 1] >> (used % 8)) != 0) {
+        return Corrupt("dithering: padding bits are set");
+      }
+    }
+    float table[33] = {};
+    if (c.natural) {
+      for (uint32_t l = 1; l <= c.s; ++l)
+        table[l] = std::ldexp(norm, static_cast<int>(l) - static_cast<int>(c.s));
+    }
+    const float step = norm / static_cast<float>(c.s);
+    float* dst = out.data();
+    for (size_t j = 0; j < n; ++j) {
+      const uint32_t v = code(j);
+      const uint32_t l = v >> 1;
+      const float mag = c.natural ? table[l] : static_cast<float>(l) * step;
+      const float val = std::bit_cast<float>(std::bit_cast<uint32_t>(mag) | (v & 1u) << 31);
+      if constexpr (kAccumulate) {
+        dst[j] += alpha * val;
+      } else {
+        dst[j] = val;
+      }
+    }
+    return Status::Ok();
+  }
+
+  Config c_;
+};
+
+}  // namespace
+
+namespace internal {
+Result<std::unique_ptr<Codec>> MakeDitheringCodec(const CodecSpec& spec) {
+  ZW_RETURN_IF_ERROR(CheckKeys(spec, {"s", "levels", "norm"}));
+  Config c;
+  if (auto it = spec.params.find("levels"); it != spec.params.end()) {
+    if (it->second != "linear" && it->second != "natural") {
+      return InvalidArgument("dithering: levels must be linear or natural, got '" + it->second + "'");
+    }
+    c.natural = it->second == "natural";
+  }
+  if (auto it = spec.params.find("norm"); it != spec.params.end()) {
+    if (it->second != "l2" && it->second != "max") {
+      return InvalidArgument("dithering: norm must be l2 or max, got '" + it->second + "'");
+    }
+    c.max_norm = it->second == "max";
+  }
+  ZW_ASSIGN_OR_RETURN(uint64_t s, ParseUint(spec, "s", 16, 1, c.natural ? 32 : 65535));
+  c.s = static_cast<uint32_t>(s);
+  return std::unique_ptr<Codec>(std::make_unique<DitheringCodec>(c));
+}
+}  // namespace internal
+}  // namespace zipwire::kernels
