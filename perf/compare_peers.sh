@@ -17,6 +17,10 @@ RUNS=${RUNS:-3}
 BW_SECONDS=${BW_SECONDS:-4}
 LAT_ITERS=${LAT_ITERS:-20000}
 read -r -a EXTRA <<<"${ZW_PERF_FLAGS:-}"
+# Bandwidth runs block in Poll (-e) as iperf3 blocks in the kernel: two
+# processes spinning on a 2-core machine would steal the cores that move the
+# bytes. Latency runs busy-poll, perftest's default. ZW_BW_FLAGS overrides.
+read -r -a BW_EXTRA <<<"${ZW_BW_FLAGS--e}"
 # Every command runs under a bound so that a stuck tool fails the script
 # instead of hanging it.
 STEP_TIMEOUT=60
@@ -72,11 +76,13 @@ run_zw() {  # test size iters
   local port json
   port=$(free_port)
   json=$TMP/zw-$1-$RANDOM.json
-  timeout "$STEP_TIMEOUT" "$PERF" "${EXTRA[@]}" -p "$port" --test "$1" >"$TMP/zw-server.log" 2>&1 &
+  local mode=()
+  [[ $1 == write_bw ]] && mode=("${BW_EXTRA[@]}")
+  timeout "$STEP_TIMEOUT" "$PERF" "${EXTRA[@]}" "${mode[@]}" -p "$port" --test "$1" >"$TMP/zw-server.log" 2>&1 &
   local spid=$!
   PIDS+=("$spid")
   # The client retries its connect until the server listens (--timeout).
-  if ! timeout "$STEP_TIMEOUT" "$PERF" "${EXTRA[@]}" -p "$port" --test "$1" -s "$2" -n "$3" --json "$json" \
+  if ! timeout "$STEP_TIMEOUT" "$PERF" "${EXTRA[@]}" "${mode[@]}" -p "$port" --test "$1" -s "$2" -n "$3" --json "$json" \
     127.0.0.1 >"$TMP/zw-client.log" 2>&1; then
     kill "$spid" 2>/dev/null || true
     cat "$TMP/zw-client.log" "$TMP/zw-server.log" >&2
@@ -124,7 +130,7 @@ print("%.2f" % (float(m.group(1)) * scale))
 EOF
 }
 
-echo "zipwire_perf: $PERF ${EXTRA[*]}"
+echo "zipwire_perf: $PERF ${EXTRA[*]} (write_bw adds: ${BW_EXTRA[*]})"
 echo "runs: $RUNS (interleaved); load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # Size the write_bw runs to about BW_SECONDS from a short calibration run.

@@ -76,7 +76,7 @@ void Usage(FILE* out) {
                "  --ef MODE        error feedback: both | worker | server | none (default both)\n"
                "  --seed N         model init and shuffling seed (default 42)\n"
                "  --data-dir DIR   Fashion-MNIST IDX files (default %s, or ZIPWIRE_DATA_DIR)\n"
-               "  --transport T    tcp (default)\n"
+               "  --transport T    tcp (default), ucx or verbs\n"
                "  --timings        print per-stage pipeline timings of worker 0\n"
                "  --max-steps N    stop each epoch after N steps (for quick checks)\n"
                "  --json FILE      write the summary as JSON\n",
