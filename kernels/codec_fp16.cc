@@ -85,10 +85,17 @@ void HalfToFloatScalar(const uint8_t* in, float* out, size_t n) {
 }
 
 #ifdef ZW_HAVE_X86
+#include <cpuid.h>
+#endif
+
+#ifdef ZW_HAVE_X86
 bool HasF16c() {
   static const bool has = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    // F16C through cpuid: clang before 16 rejects __builtin_cpu_supports("f16c").
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    const bool f16c = __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & bit_F16C) != 0;
+    return __builtin_cpu_supports("avx2") && f16c;
   }();
   return has;
 }

@@ -17,10 +17,10 @@ RUNS=${RUNS:-3}
 BW_SECONDS=${BW_SECONDS:-4}
 LAT_ITERS=${LAT_ITERS:-20000}
 read -r -a EXTRA <<<"${ZW_PERF_FLAGS:-}"
-# Bandwidth runs block in Poll (-e) as iperf3 blocks in the kernel: two
-# processes spinning on a 2-core machine would steal the cores that move the
-# bytes. Latency runs busy-poll, perftest's default. ZW_BW_FLAGS overrides.
-read -r -a BW_EXTRA <<<"${ZW_BW_FLAGS--e}"
+# Extra flags for the bandwidth runs only (e.g. ZW_BW_FLAGS=-e to block in
+# Poll as iperf3 blocks in the kernel; on a loaded 2-core machine spinning
+# steals the cores that move the bytes). Default: busy-poll, like perftest.
+read -r -a BW_EXTRA <<<"${ZW_BW_FLAGS:-}"
 # Every command runs under a bound so that a stuck tool fails the script
 # instead of hanging it.
 STEP_TIMEOUT=60
