@@ -148,8 +148,11 @@ stty -F /dev/console -onlcr 2>/dev/null
 ulimit -l unlimited
 ip link set lo up
 ok=1
-modprobe -a rdma_rxe rdma_ucm dummy veth || ok=0
-ip link add dummy0 type dummy && ip addr add 10.11.0.1/24 dev dummy0 && ip link set dummy0 up &&
+modprobe -a rdma_rxe rdma_ucm veth || ok=0
+# Without modprobe.d options, loading dummy creates dummy0 itself.
+modprobe dummy numdummies=0 || ok=0
+{ ip link show dummy0 >/dev/null 2>&1 || ip link add dummy0 type dummy; } &&
+  ip addr add 10.11.0.1/24 dev dummy0 && ip link set dummy0 up &&
   rdma link add rxe0 type rxe netdev dummy0 || ok=0
 if [ "$(cat /mnt/zwx/veth)" = 1 ]; then
   ip link add veth0 type veth peer name veth1 &&
