@@ -57,6 +57,7 @@
 
 #include "core/config.h"
 #include "core/log.h"
+#include "transport/backend_util.h"
 
 namespace zipwire::transport {
 namespace {
@@ -79,16 +80,8 @@ constexpr size_t kMaxIovPerCall = 64;  // asio's per-syscall buffer limit
 enum FrameType : uint8_t { kHello = 1, kWrite = 2, kSend = 3, kAck = 4, kNack = 5 };
 enum NackCode : uint8_t { kNackUnknownKey = 1, kNackOutOfRange = 2 };
 
-template <typename T>
-void PutLE(uint8_t* p, T v) {
-  for (size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-template <typename T>
-T GetLE(const uint8_t* p) {
-  T v = 0;
-  for (size_t i = 0; i < sizeof(T); ++i) v |= static_cast<T>(p[i]) << (8 * i);
-  return v;
-}
+using internal::GetLE;
+using internal::PutLE;
 
 struct Header {
   uint8_t type = 0;
@@ -184,36 +177,7 @@ struct Nack {
   uint8_t code;
 };
 
-// Grows, never shrinks: pushing a completion allocates nothing in steady state.
-class CompletionRing {
- public:
-  bool empty() const { return count_ == 0; }
-  void Push(Completion c) {
-    if (count_ == slots_.size()) Grow();
-    slots_[(head_ + count_) & (slots_.size() - 1)] = std::move(c);
-    ++count_;
-  }
-  size_t PopInto(std::span<Completion> out) {
-    size_t n = std::min(out.size(), count_);
-    for (size_t i = 0; i < n; ++i) {
-      out[i] = std::move(slots_[head_]);
-      head_ = (head_ + 1) & (slots_.size() - 1);
-    }
-    count_ -= n;
-    return n;
-  }
-
- private:
-  void Grow() {
-    std::vector<Completion> next(std::max<size_t>(64, slots_.size() * 2));
-    for (size_t i = 0; i < count_; ++i) next[i] = std::move(slots_[(head_ + i) & (slots_.size() - 1)]);
-    slots_.swap(next);
-    head_ = 0;
-  }
-  std::vector<Completion> slots_;
-  size_t head_ = 0;
-  size_t count_ = 0;
-};
+using internal::CompletionRing;
 
 struct Connection {
   Connection(tcp::socket s, PeerId p, std::string addr)

@@ -70,6 +70,7 @@
 
 #include "core/config.h"
 #include "core/log.h"
+#include "transport/backend_util.h"
 
 namespace zipwire::transport {
 namespace {
@@ -160,36 +161,7 @@ Status Resolve(const std::string& host, const std::string& port, bool passive, s
   return Status::Ok();
 }
 
-// Grows, never shrinks: pushing a completion allocates nothing in steady state.
-class CompletionRing {
- public:
-  bool empty() const { return count_ == 0; }
-  void Push(Completion c) {
-    if (count_ == slots_.size()) Grow();
-    slots_[(head_ + count_) & (slots_.size() - 1)] = std::move(c);
-    ++count_;
-  }
-  size_t PopInto(std::span<Completion> out) {
-    size_t n = std::min(out.size(), count_);
-    for (size_t i = 0; i < n; ++i) {
-      out[i] = std::move(slots_[head_]);
-      head_ = (head_ + 1) & (slots_.size() - 1);
-    }
-    count_ -= n;
-    return n;
-  }
-
- private:
-  void Grow() {
-    std::vector<Completion> next(std::max<size_t>(64, slots_.size() * 2));
-    for (size_t i = 0; i < count_; ++i) next[i] = std::move(slots_[(head_ + i) & (slots_.size() - 1)]);
-    slots_.swap(next);
-    head_ = 0;
-  }
-  std::vector<Completion> slots_;
-  size_t head_ = 0;
-  size_t count_ = 0;
-};
+using internal::CompletionRing;
 
 class UcxBackend;
 struct Conn;

@@ -89,6 +89,7 @@
 
 #include "core/config.h"
 #include "core/log.h"
+#include "transport/backend_util.h"
 
 namespace zipwire::transport {
 namespace {
@@ -115,16 +116,8 @@ constexpr size_t kReasonBytes = 64;
 enum MsgType : uint8_t { kMeta = 1, kSend = 2, kAck = 3, kNack = 4, kQuery = 5, kReply = 6, kUnreg = 7 };
 enum NackCode : uint8_t { kNackUnknownKey = 1, kNackOutOfRange = 2 };
 
-template <typename T>
-void PutLE(uint8_t* p, T v) {
-  for (size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-template <typename T>
-T GetLE(const uint8_t* p) {
-  T v = 0;
-  for (size_t i = 0; i < sizeof(T); ++i) v |= static_cast<T>(p[i]) << (8 * i);
-  return v;
-}
+using internal::GetLE;
+using internal::PutLE;
 
 struct Header {
   uint8_t type = 0;

@@ -1,0 +1,59 @@
+// Services shared by the backends (as UCX's ucs/ layer serves its
+// transports): byte-order helpers for wire headers and the completion ring
+// that Poll() drains.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "transport/backend.h"
+
+namespace zipwire::transport::internal {
+
+template <typename T>
+void PutLE(uint8_t* p, T v) {
+  for (size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+template <typename T>
+T GetLE(const uint8_t* p) {
+  T v = 0;
+  for (size_t i = 0; i < sizeof(T); ++i) v |= static_cast<T>(p[i]) << (8 * i);
+  return v;
+}
+
+// Grows, never shrinks: pushing a completion allocates nothing in steady state.
+class CompletionRing {
+ public:
+  bool empty() const { return count_ == 0; }
+  void Push(Completion c) {
+    if (count_ == slots_.size()) Grow();
+    slots_[(head_ + count_) & (slots_.size() - 1)] = std::move(c);
+    ++count_;
+  }
+  size_t PopInto(std::span<Completion> out) {
+    size_t n = std::min(out.size(), count_);
+    for (size_t i = 0; i < n; ++i) {
+      out[i] = std::move(slots_[head_]);
+      head_ = (head_ + 1) & (slots_.size() - 1);
+    }
+    count_ -= n;
+    return n;
+  }
+
+ private:
+  void Grow() {
+    std::vector<Completion> next(std::max<size_t>(64, slots_.size() * 2));
+    for (size_t i = 0; i < count_; ++i) next[i] = std::move(slots_[(head_ + i) & (slots_.size() - 1)]);
+    slots_.swap(next);
+    head_ = 0;
+  }
+  std::vector<Completion> slots_;
+  size_t head_ = 0;
+  size_t count_ = 0;
+};
+
+}  // namespace zipwire::transport::internal
