@@ -75,6 +75,7 @@ constexpr size_t kRxBufferBytes = 64 << 10;
 // destination, with only this much spill room for the frames after it.
 constexpr size_t kDirectReadMin = 4 << 10;
 constexpr size_t kMaxBatchFrames = 256;
+constexpr size_t kPayloadLowat = 1024 << 10;
 constexpr size_t kMaxIovPerCall = 64;  // asio's per-syscall buffer limit
 
 enum FrameType : uint8_t { kHello = 1, kWrite = 2, kSend = 3, kAck = 4, kNack = 5 };
@@ -186,6 +187,7 @@ struct Connection {
   tcp::socket sock;
   const PeerId peer;
   const std::string address;
+  int rcvlowat = 1;  // the socket's SO_RCVLOWAT, cached (progress thread only)
 
   // Guarded by TcpBackend::mu_ (posting threads touch these).
   bool open = true;  // written under both locks; read under either
@@ -678,8 +680,21 @@ void TcpBackend::FlushDeferredAcks() {
 // ---------------------------------------------------------------------------
 // Receiving (progress_mu_ held)
 
+// While a large payload streams in, wake the reader only once a good part of
+// it has queued (SO_RCVLOWAT, never above what the payload still needs, so
+// the wait always ends): on loopback the sender pays for every wake-up.
+void SetRcvLowat(Connection* c, size_t want) {
+  int lowat = static_cast<int>(std::min<size_t>(want, kPayloadLowat));
+  if (lowat < 1) lowat = 1;
+  if (lowat == c->rcvlowat) return;
+  if (setsockopt(c->sock.native_handle(), SOL_SOCKET, SO_RCVLOWAT, &lowat, sizeof(lowat)) == 0) {
+    c->rcvlowat = lowat;
+  }
+}
+
 void TcpBackend::StartRead(Connection* c) {
   if (!c->open) return;
+  SetRcvLowat(c, c->in_payload && c->dest != nullptr && c->remaining >= kDirectReadMin ? c->remaining : 1);
   if (c->in_payload && c->dest != nullptr && c->remaining >= kDirectReadMin) {
     // The receive buffer is empty here: the payload goes straight into its
     // destination, and whatever follows it spills into the buffer.
