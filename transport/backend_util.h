@@ -25,6 +25,11 @@ T GetLE(const uint8_t* p) {
   return v;
 }
 
+// [offset, offset + length) inside [0, size), without overflow.
+inline bool RangeInside(uint64_t offset, uint64_t length, uint64_t size) {
+  return offset <= size && length <= size - offset;
+}
+
 // Grows, never shrinks: pushing a completion allocates nothing in steady state.
 class CompletionRing {
  public:

@@ -119,10 +119,7 @@ Header DecodeHeader(const uint8_t* in) {
   return h;
 }
 
-// [offset, offset + length) inside [0, size), without overflow.
-bool RangeInside(uint64_t offset, uint64_t length, uint64_t size) {
-  return offset <= size && length <= size - offset;
-}
+using internal::RangeInside;
 
 std::string EndpointString(const tcp::endpoint& ep) {
   return ep.address().to_string() + ":" + std::to_string(ep.port());

@@ -113,10 +113,7 @@ constexpr size_t kMaxHdrBytes = 32;
 static_assert(sizeof(WriteHdr) <= kMaxHdrBytes && sizeof(AckHdr) <= kMaxHdrBytes &&
               sizeof(HelloHdr) <= kMaxHdrBytes);
 
-// [offset, offset + length) inside [0, size), without overflow.
-bool RangeInside(uint64_t offset, uint64_t length, uint64_t size) {
-  return offset <= size && length <= size - offset;
-}
+using internal::RangeInside;
 
 std::string RangeString(uint64_t offset, uint64_t length) {
   // Appended piecewise: gcc 12 -O3 flags "[" + to_string(...) with a bogus -Wrestrict.

@@ -152,9 +152,7 @@ Header DecodeHeader(const uint8_t* in) {
   return h;
 }
 
-bool RangeInside(uint64_t offset, uint64_t length, uint64_t size) {
-  return offset <= size && length <= size - offset;
-}
+using internal::RangeInside;
 
 // The side channel's handshake record (both directions).
 struct Hello {
