@@ -76,6 +76,8 @@ class WorkerImpl final : public Worker {
   uint32_t rank() const override { return boot_->view().self_rank; }
 
   Status Declare(uint64_t tensor_id, size_t elements, const TensorOptions& options) override {
+    // Declarations hand out handles and slots in order: one at a time.
+    std::lock_guard<std::mutex> declaring(declare_mu_);
     if (tensor_id > UINT32_MAX) return InvalidArgument("tensor ids must fit in 32 bits");
     ZW_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Codec> codec_owned, kernels::CreateCodec(options.codec));
     std::shared_ptr<const kernels::Codec> codec(std::move(codec_owned));
@@ -293,6 +295,7 @@ class WorkerImpl final : public Worker {
   std::atomic<uint64_t> dense_bytes_{0};
   bool shut_down_ = false;
 
+  std::mutex declare_mu_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::map<std::pair<uint64_t, PeerId>, std::optional<DeclareAckMessage>> pending_acks_;
