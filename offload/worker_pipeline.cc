@@ -394,6 +394,7 @@ void WorkerPipeline::ProgressLoop() {
           if (peer_error_handler_) peer_error_handler_(c.peer, c.status);
           break;
         case transport::CompletionType::kPeerConnected:
+        case transport::CompletionType::kReadDone:  // the pipeline posts no reads
           break;
       }
     }

@@ -119,6 +119,7 @@ class ServerImpl final : public Server {
             Fail(c.status.WithContext("worker rank " + std::to_string(c.peer) + " failed"));
             break;
           case transport::CompletionType::kPeerConnected:
+          case transport::CompletionType::kReadDone:  // the server posts no reads
             break;
         }
       }

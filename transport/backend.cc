@@ -40,6 +40,8 @@ const char* CompletionTypeName(CompletionType type) {
   switch (type) {
     case CompletionType::kWriteDone:
       return "WRITE_DONE";
+    case CompletionType::kReadDone:
+      return "READ_DONE";
     case CompletionType::kSendDone:
       return "SEND_DONE";
     case CompletionType::kWriteImm:

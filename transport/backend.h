@@ -45,6 +45,7 @@ struct Capabilities {
   std::vector<MemoryKind> memory_kinds;  // kinds RegisterMemory accepts
   size_t max_control_bytes = 0;          // largest PostSend payload
   size_t max_write_bytes = 0;            // largest single PostWrite
+  bool supports_read = false;            // optional section: PostRead (one-sided get)
 
   bool SupportsMemory(MemoryKind kind) const;
 };
@@ -76,6 +77,7 @@ inline RemoteRegion ToRemote(const MemoryRegion& r) {
 
 enum class CompletionType : uint8_t {
   kWriteDone,     // initiator: a PostWrite finished (status says how)
+  kReadDone,      // initiator: a PostRead finished; the bytes are in the local range
   kSendDone,      // initiator: a PostSend finished
   kWriteImm,      // target: a write landed; imm, remote_key, offset, length set
   kRecvMessage,   // target: a control message arrived; message set
@@ -128,6 +130,19 @@ class Backend {
   virtual Status PostWrite(PeerId peer, const MemoryRegion& local, uint64_t local_offset,
                            const RemoteRegion& remote, uint64_t remote_offset, uint64_t length,
                            uint32_t imm, uint64_t context) = 0;
+
+  // Optional (capabilities().supports_read): one-sided read of the peer's
+  // [remote.addr + remote_offset, +length) into the local registered range
+  // (RDMA READ). No completion at the target. `context` comes back in the
+  // kReadDone completion. Refused with kOutOfRange as PostWrite; backends
+  // without the capability return kNotSupported.
+  virtual Status PostRead(PeerId peer, const MemoryRegion& local, uint64_t local_offset,
+                          const RemoteRegion& remote, uint64_t remote_offset, uint64_t length,
+                          uint64_t context) {
+    (void)peer, (void)local, (void)local_offset, (void)remote, (void)remote_offset, (void)length,
+        (void)context;
+    return NotSupported(capabilities().name + ": PostRead is not offered by this backend");
+  }
 
   virtual Status PostSend(PeerId peer, std::span<const uint8_t> message, uint64_t context) = 0;
 
