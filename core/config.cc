@@ -53,6 +53,22 @@ Result<uint64_t> EnvUint(const char* name, uint64_t fallback) {
   return parsed.value();
 }
 
+Result<std::optional<uint32_t>> EnvIndex(const char* name, std::optional<uint32_t> fallback) {
+  std::string var = VarName(name);
+  const char* raw = std::getenv(var.c_str());
+  if (raw == nullptr || *raw == '\0') return fallback;
+  uint64_t v = 0;
+  for (const char* p = raw; *p != '\0'; ++p) {
+    if (*p < '0' || *p > '9' || v > 0xfffffffeull) {
+      return InvalidArgument(var + "=" + raw + ": expected a decimal index below 4294967295");
+    }
+    v = v * 10 + static_cast<uint64_t>(*p - '0');
+  }
+  if (v > 0xfffffffeull)
+    return InvalidArgument(var + "=" + raw + ": expected a decimal index below 4294967295");
+  return std::optional<uint32_t>(static_cast<uint32_t>(v));
+}
+
 Result<std::string> EnvString(const char* name, const std::string& fallback) {
   std::string var = VarName(name);
   const char* raw = std::getenv(var.c_str());

@@ -74,14 +74,16 @@ class ServerImpl final : public Server {
     options_ = options;
     ZW_ASSIGN_OR_RETURN(options_.scheduler, EnvString("SCHEDULER", options.scheduler));
     ZW_ASSIGN_OR_RETURN(options_.transport, EnvString("TRANSPORT", options.transport));
+    ZW_ASSIGN_OR_RETURN(options_.server_id, EnvIndex("SERVER_ID", options.server_id));
     ZW_ASSIGN_OR_RETURN(uint64_t threads, EnvUint("SERVER_THREADS", options.threads));
     if (threads == 0 || threads > 256) return InvalidArgument("ZIPWIRE_SERVER_THREADS must be in 1..256");
     transport::BackendOptions bo;
     bo.listen_host = options_.host;
     ZW_ASSIGN_OR_RETURN(backend_, transport::CreateBackend(options_.transport, bo));
     ZW_ASSIGN_OR_RETURN(std::string address, backend_->Listen());
-    ZW_ASSIGN_OR_RETURN(boot_, transport::BootstrapClient::Join(options_.scheduler, transport::Role::kServer,
-                                                                address, options_.timeout));
+    ZW_ASSIGN_OR_RETURN(
+        boot_, transport::BootstrapClient::Join(options_.scheduler, transport::Role::kServer, address,
+                                                options_.timeout, options_.server_id));
     backend_->SetLocalRank(boot_->view().self_rank);
     num_workers_ = boot_->view().num_workers;
     if (num_workers_ == 0) return FailedPrecondition("the cluster has no workers");

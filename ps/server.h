@@ -5,7 +5,9 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "core/status.h"
@@ -19,6 +21,7 @@ struct ServerOptions {
   size_t threads = 2;  // ZIPWIRE_SERVER_THREADS
   uint64_t seed = 0;
   std::chrono::milliseconds timeout{30000};
+  std::optional<uint32_t> server_id;  // ZIPWIRE_SERVER_ID: fixed index among servers; else registration order
 };
 
 class Server {

@@ -32,6 +32,7 @@ class WorkerImpl final : public Worker {
     options_ = options;
     ZW_ASSIGN_OR_RETURN(options_.scheduler, EnvString("SCHEDULER", options.scheduler));
     ZW_ASSIGN_OR_RETURN(options_.transport, EnvString("TRANSPORT", options.transport));
+    ZW_ASSIGN_OR_RETURN(options_.worker_id, EnvIndex("WORKER_ID", options.worker_id));
     ZW_ASSIGN_OR_RETURN(partition_bytes_, offload::PartitionBytesFromEnv());
     offload::PipelineOptions pipe;
     ZW_ASSIGN_OR_RETURN(uint64_t window, EnvUint("INFLIGHT_CHUNKS", pipe.window_chunks));
@@ -46,8 +47,9 @@ class WorkerImpl final : public Worker {
     bo.listen_host = options_.host;
     ZW_ASSIGN_OR_RETURN(backend_, transport::CreateBackend(options_.transport, bo));
     ZW_ASSIGN_OR_RETURN(std::string address, backend_->Listen());
-    ZW_ASSIGN_OR_RETURN(boot_, transport::BootstrapClient::Join(options_.scheduler, transport::Role::kWorker,
-                                                                address, options_.timeout));
+    ZW_ASSIGN_OR_RETURN(
+        boot_, transport::BootstrapClient::Join(options_.scheduler, transport::Role::kWorker, address,
+                                                options_.timeout, options_.worker_id));
     const transport::ClusterView& view = boot_->view();
     backend_->SetLocalRank(view.self_rank);
     for (const auto& server : view.WithRole(transport::Role::kServer)) {

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <future>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -28,6 +29,7 @@ struct WorkerOptions {
   std::string transport = "tcp";             // ZIPWIRE_TRANSPORT
   std::string host = "127.0.0.1";            // address to listen on for the data path
   std::chrono::milliseconds timeout{30000};  // bootstrap and declaration waits
+  std::optional<uint32_t> worker_id;         // ZIPWIRE_WORKER_ID: fixed rank; else registration order
 };
 
 struct TensorOptions {

@@ -12,6 +12,8 @@
 //
 // type  name             direction        payload
 // 1     REGISTER         node -> sched    role, string transport_address
+//                                         [, u32 requested_role_rank]
+//                                         (absent or 0xffffffff: any index)
 // 2     ASSIGN           sched -> node    u32 self_rank, u32 num_workers,
 //                                         u32 num_servers, u32 count,
 //                                         count x {u32 rank, role,
@@ -37,8 +39,12 @@
 //   that connection only.
 // * A REGISTER beyond the expected count of its role gets ERROR
 //   (FAILED_PRECONDITION) and is closed; the cluster being formed is untouched.
-// * Ranks are given in registration order within each role once the last
-//   expected node registers; a node that goes away before that frees its slot.
+// * A node may ask for a fixed index within its role (as BytePS's
+//   DMLC_WORKER_ID): an index outside the role's count gets ERROR
+//   (INVALID_ARGUMENT), one already asked for by a registered node gets ERROR
+//   (ALREADY_EXISTS) naming the holder. Once the last expected node registers,
+//   nodes that asked get their index; the others fill the free indices in
+//   registration order. A node that goes away before that frees its slot.
 // * After ASSIGN, a node that disconnects without LEAVE is dead: it is logged,
 //   every node waiting in a barrier gets ERROR (PEER_CLOSED) naming it, and so
 //   does every later BARRIER, so no barrier waits on a dead peer. A node that
@@ -260,6 +266,7 @@ std::vector<uint8_t> EncodeRegister(const RegisterMsg& msg) {
   Writer w(static_cast<uint8_t>(MsgType::kRegister));
   w.U8(static_cast<uint8_t>(msg.role));
   w.Str(msg.address);
+  if (msg.requested_role_rank != kAnyRoleRank) w.U32(msg.requested_role_rank);
   return std::move(w).Finish();
 }
 
@@ -301,6 +308,7 @@ Result<RegisterMsg> DecodeRegister(std::span<const uint8_t> payload) {
   if (!r.U8(&role) || !r.Str(&msg.address)) return Truncated("REGISTER");
   ZW_RETURN_IF_ERROR(CheckRole("REGISTER", role, &msg.role));
   ZW_RETURN_IF_ERROR(CheckWireAddress("REGISTER", msg.address));
+  if (r.remaining() > 0 && !r.U32(&msg.requested_role_rank)) return Truncated("REGISTER");
   ZW_RETURN_IF_ERROR(CheckDone("REGISTER", r));
   return msg;
 }
@@ -486,6 +494,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool gone = false;  // the scheduler has been told this node went away
   Role role = Role::kWorker;
   std::string address;
+  uint32_t requested_role_rank = wire::kAnyRoleRank;
   int64_t rank = -1;  // assigned rank, -1 before ASSIGN
   uint32_t last_barrier_seq = 0;
 
@@ -859,9 +868,27 @@ void SchedulerImpl::HandleRegister(Session& s, std::span<const uint8_t> payload)
                  msg->address);
     return;
   }
+  if (msg->requested_role_rank != wire::kAnyRoleRank) {
+    if (msg->requested_role_rank >= expected) {
+      s.Reject(StatusCode::kInvalidArgument, std::string(RoleName(msg->role)) + " index " +
+                                                 std::to_string(msg->requested_role_rank) + " asked for by " +
+                                                 msg->address + " is outside the cluster's " +
+                                                 std::to_string(expected) + " " + RoleName(msg->role) + "s");
+      return;
+    }
+    for (const auto& other : pending_[idx]) {
+      if (other->requested_role_rank == msg->requested_role_rank) {
+        s.Reject(StatusCode::kAlreadyExists, std::string(RoleName(msg->role)) + " index " +
+                                                 std::to_string(msg->requested_role_rank) + " asked for by " +
+                                                 msg->address + " is already held by " + other->Label());
+        return;
+      }
+    }
+  }
   s.registered = true;
   s.role = msg->role;
   s.address = std::move(msg->address);
+  s.requested_role_rank = msg->requested_role_rank;
   --unregistered_;
   pending_[idx].push_back(sessions_.at(&s));
   ZW_LOG(kInfo, "bootstrap: registered " << RoleName(s.role) << " " << s.address << " ("
@@ -873,10 +900,23 @@ void SchedulerImpl::Assign() {
   ClusterView view;
   view.num_workers = num_workers_;
   view.num_servers = num_servers_;
-  std::vector<std::shared_ptr<Session>> order = pending_[0];
-  order.insert(order.end(), pending_[1].begin(), pending_[1].end());
-  pending_[0].clear();
-  pending_[1].clear();
+  // Nodes that asked for an index get it; the rest fill the free indices in
+  // registration order (requests are unique and in range: checked at REGISTER).
+  std::vector<std::shared_ptr<Session>> order;
+  for (auto& list : pending_) {
+    std::vector<std::shared_ptr<Session>> placed(list.size());
+    for (auto& node : list) {
+      if (node->requested_role_rank != wire::kAnyRoleRank) placed[node->requested_role_rank] = node;
+    }
+    size_t next = 0;
+    for (auto& node : list) {
+      if (node->requested_role_rank != wire::kAnyRoleRank) continue;
+      while (placed[next]) ++next;
+      placed[next] = node;
+    }
+    order.insert(order.end(), placed.begin(), placed.end());
+    list.clear();
+  }
   for (uint32_t r = 0; r < order.size(); ++r) {
     NodeInfo node;
     node.rank = r;
@@ -1083,8 +1123,8 @@ class ClientImpl final : public BootstrapClient {
   }
 
   Status Connect(Clock::time_point deadline, std::chrono::milliseconds timeout);
-  Status RegisterAndWait(Role role, const std::string& address, Clock::time_point deadline,
-                         std::chrono::milliseconds timeout);
+  Status RegisterAndWait(Role role, const std::string& address, uint32_t requested_role_rank,
+                         Clock::time_point deadline, std::chrono::milliseconds timeout);
 
   const ClusterView& view() const override { return view_; }
   Status Barrier(std::chrono::milliseconds timeout) override;
@@ -1214,9 +1254,9 @@ Status ClientImpl::ReadFrame(Clock::time_point deadline, uint8_t* type, std::vec
   }
 }
 
-Status ClientImpl::RegisterAndWait(Role role, const std::string& address, Clock::time_point deadline,
-                                   std::chrono::milliseconds timeout) {
-  ZW_RETURN_IF_ERROR(WriteFrame(wire::EncodeRegister({role, address}), deadline));
+Status ClientImpl::RegisterAndWait(Role role, const std::string& address, uint32_t requested_role_rank,
+                                   Clock::time_point deadline, std::chrono::milliseconds timeout) {
+  ZW_RETURN_IF_ERROR(WriteFrame(wire::EncodeRegister({role, address, requested_role_rank}), deadline));
   std::string me = std::string(RoleName(role)) + " " + address;
   while (true) {
     uint8_t type = 0;
@@ -1324,8 +1364,12 @@ Result<std::unique_ptr<Scheduler>> Scheduler::Start(const std::string& host, uin
 Result<std::unique_ptr<BootstrapClient>> BootstrapClient::Join(const std::string& scheduler_address,
                                                                Role role,
                                                                const std::string& transport_address,
-                                                               std::chrono::milliseconds timeout) {
+                                                               std::chrono::milliseconds timeout,
+                                                               std::optional<uint32_t> role_rank) {
   if (role != Role::kWorker && role != Role::kServer) return InvalidArgument("bootstrap Join: bad role");
+  if (role_rank && *role_rank == wire::kAnyRoleRank) {
+    return InvalidArgument("bootstrap Join: role index " + std::to_string(*role_rank) + " is reserved");
+  }
   ZW_RETURN_IF_ERROR(
       wire::ValidateAddress(transport_address).WithContext("bootstrap Join: transport address"));
   ZW_RETURN_IF_ERROR(
@@ -1333,7 +1377,8 @@ Result<std::unique_ptr<BootstrapClient>> BootstrapClient::Join(const std::string
   auto deadline = Clock::now() + timeout;
   auto client = std::make_unique<ClientImpl>(scheduler_address);
   ZW_RETURN_IF_ERROR(client->Connect(deadline, timeout));
-  ZW_RETURN_IF_ERROR(client->RegisterAndWait(role, transport_address, deadline, timeout));
+  ZW_RETURN_IF_ERROR(client->RegisterAndWait(role, transport_address, role_rank.value_or(wire::kAnyRoleRank),
+                                             deadline, timeout));
   return std::unique_ptr<BootstrapClient>(std::move(client));
 }
 

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,10 +21,10 @@ enum class Role : uint8_t { kWorker = 1, kServer = 2 };
 const char* RoleName(Role role);
 
 struct NodeInfo {
-  uint32_t rank = 0;        // global rank: workers 0..W-1, then servers W..W+S-1
+  uint32_t rank = 0;  // global rank: workers 0..W-1, then servers W..W+S-1
   Role role = Role::kWorker;
-  uint32_t role_rank = 0;   // index within its role
-  std::string address;      // transport address ("host:port")
+  uint32_t role_rank = 0;  // index within its role
+  std::string address;     // transport address ("host:port")
 };
 
 struct ClusterView {
@@ -53,9 +54,12 @@ class BootstrapClient {
  public:
   // Connects (retrying until `timeout`), registers, and waits for the peer
   // table. kUnavailable / kTimeout name the scheduler address on failure.
+  // `role_rank` asks for a fixed index within the role (as BytePS's
+  // DMLC_WORKER_ID); without it the scheduler picks by registration order.
   static Result<std::unique_ptr<BootstrapClient>> Join(const std::string& scheduler_address, Role role,
                                                        const std::string& transport_address,
-                                                       std::chrono::milliseconds timeout);
+                                                       std::chrono::milliseconds timeout,
+                                                       std::optional<uint32_t> role_rank = std::nullopt);
   virtual ~BootstrapClient() = default;
   virtual const ClusterView& view() const = 0;
   // Returns when every node has entered the barrier; fails if a node died

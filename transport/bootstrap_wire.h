@@ -39,9 +39,12 @@ Status ValidateAddress(std::string_view address);
 // Splits a validated address; strips the brackets of "[v6]:port".
 Status SplitAddress(std::string_view address, std::string* host, uint16_t* port);
 
+inline constexpr uint32_t kAnyRoleRank = 0xffffffffu;
+
 struct RegisterMsg {
   Role role = Role::kWorker;
   std::string address;
+  uint32_t requested_role_rank = kAnyRoleRank;  // a fixed index within the role, or any
 };
 struct BarrierMsg {
   uint32_t seq = 0;

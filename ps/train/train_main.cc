@@ -19,6 +19,7 @@
 #include <future>
 #include <map>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -44,6 +45,7 @@ struct Options {
   std::string role;  // "", "server", "worker"
   std::string scheduler;
   std::string report;
+  std::optional<uint32_t> index;  // --index: the child's fixed rank within its role
   uint32_t workers = 2;
   uint32_t servers = 1;
   // Tuned so onebit with two-way error feedback stays within a point of
@@ -72,7 +74,7 @@ void Usage(FILE* out) {
                "  --batch N        per-worker batch size (default 32)\n"
                "  --lr X           Adam learning rate (default 0.0003)\n"
                "  --schedule S     cosine (decays to 0 over the run) | constant (default cosine)\n"
-               "  --codec SPEC     none | fp16 | onebit (default onebit)\n"
+               "  --codec SPEC     e.g. onebit, fp16, topk:0.01, dithering:s=16 (default onebit)\n"
                "  --ef MODE        error feedback: both | worker | server | none (default both)\n"
                "  --seed N         model init and shuffling seed (default 42)\n"
                "  --data-dir DIR   Fashion-MNIST IDX files (default %s, or ZIPWIRE_DATA_DIR)\n"
@@ -118,6 +120,9 @@ Status ParseArgs(int argc, char** argv, Options* o) {
       ZW_RETURN_IF_ERROR(value(&o->scheduler));
     } else if (a == "--report") {
       ZW_RETURN_IF_ERROR(value(&o->report));
+    } else if (a == "--index") {
+      ZW_RETURN_IF_ERROR(number(0, 63, &d));
+      o->index = static_cast<uint32_t>(d);
     } else if (a == "--workers") {
       ZW_RETURN_IF_ERROR(number(1, 64, &d));
       o->workers = static_cast<uint32_t>(d);
@@ -202,6 +207,7 @@ int RunWorker(const Options& o) {
   zw::ps::WorkerOptions wo;
   wo.scheduler = o.scheduler;
   wo.transport = o.transport;
+  wo.worker_id = o.index;
   auto created = zw::ps::Worker::Create(wo);
   if (!created.ok()) {
     std::fprintf(stderr, "zipwire_train worker: %s\n", created.status().ToString().c_str());
@@ -309,6 +315,7 @@ int RunServerRole(const Options& o) {
   so.scheduler = o.scheduler;
   so.transport = o.transport;
   so.seed = o.seed;
+  so.server_id = o.index;
   Status s = zw::ps::RunServer(so);
   if (!s.ok()) {
     std::fprintf(stderr, "zipwire_train server: %s\n", s.ToString().c_str());
@@ -355,18 +362,21 @@ int RunLauncher(const Options& o, int argc, char** argv) {
   const auto t0 = std::chrono::steady_clock::now();
   zw::ps::Launcher launcher;
   std::vector<std::string> forwarded(argv + 1, argv + argc);
-  auto spawn = [&](const std::string& name, const std::string& role) {
-    zw::ps::ChildSpec spec{
-        name, {zw::ps::SelfExecutable(), "--role", role, "--scheduler", address, "--report", report}};
+  // Each child asks the scheduler for its index, so "worker 1" in the
+  // launcher's reports is the process the bootstrap ranks as worker 1.
+  auto spawn = [&](const std::string& role, uint32_t index) {
+    zw::ps::ChildSpec spec{role + " " + std::to_string(index),
+                           {zw::ps::SelfExecutable(), "--role", role, "--index", std::to_string(index),
+                            "--scheduler", address, "--report", report}};
     spec.argv.insert(spec.argv.end(), forwarded.begin(), forwarded.end());
     return launcher.Spawn(spec);
   };
   for (uint32_t i = 0; i < o.servers; ++i) {
-    Status s = spawn("server " + std::to_string(i), "server");
+    Status s = spawn("server", i);
     if (!s.ok()) return std::fprintf(stderr, "zipwire_train: %s\n", s.ToString().c_str()), 1;
   }
   for (uint32_t i = 0; i < o.workers; ++i) {
-    Status s = spawn("worker " + std::to_string(i), "worker");
+    Status s = spawn("worker", i);
     if (!s.ok()) return std::fprintf(stderr, "zipwire_train: %s\n", s.ToString().c_str()), 1;
   }
   Status result = launcher.WaitAll();

@@ -83,6 +83,26 @@ TEST(EnvUint, MalformedNamesTheVariable) {
   }
 }
 
+TEST(EnvIndex, UnsetKeepsFallbackAndDecimalParses) {
+  ScopedEnv unset("TEST_INDEX", nullptr);
+  EXPECT_FALSE(EnvIndex("TEST_INDEX", std::nullopt)->has_value());
+  EXPECT_EQ(EnvIndex("TEST_INDEX", 3u)->value(), 3u);
+  ScopedEnv env("TEST_INDEX", "12");
+  EXPECT_EQ(EnvIndex("TEST_INDEX", std::nullopt)->value(), 12u);
+  ScopedEnv largest("TEST_INDEX", "4294967294");
+  EXPECT_EQ(EnvIndex("TEST_INDEX", std::nullopt)->value(), 4294967294u);
+}
+
+TEST(EnvIndex, RejectsAnythingButADecimalIndex) {
+  for (const char* bad : {"1k", "-1", "0x3", " 2", "4294967295", "99999999999999999999999"}) {
+    ScopedEnv env("TEST_INDEX", bad);
+    auto r = EnvIndex("TEST_INDEX", std::nullopt);
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(r.status().message().find("ZIPWIRE_TEST_INDEX"), std::string::npos) << r.status().message();
+  }
+}
+
 TEST(EnvBool, AcceptedSpellings) {
   for (const char* yes : {"1", "y", "yes", "YES", "on", "true", "True"}) {
     ScopedEnv env("TEST_BOOL", yes);

@@ -386,6 +386,91 @@ TEST(BootstrapTest, TooManyWorkersRefusesTheExtra) {
   EXPECT_TRUE(b.get().ok());
 }
 
+std::future<Result<std::unique_ptr<BootstrapClient>>> AsyncJoinAt(const std::string& sched, Role role,
+                                                                  const std::string& addr, uint32_t index) {
+  return std::async(std::launch::async,
+                    [=] { return BootstrapClient::Join(sched, role, addr, kJoinTimeout, index); });
+}
+
+TEST(BootstrapTest, RequestedIndicesAreHonoured) {
+  auto sched = StartScheduler(3, 2);
+  ASSERT_NE(sched, nullptr);
+  const std::string addr = SchedAddr(*sched);
+  // Registration order is up to the threads; the outcome must not be.
+  auto w2 = AsyncJoinAt(addr, Role::kWorker, "127.0.0.1:7001", 2);
+  auto wa = AsyncJoin(addr, Role::kWorker, "127.0.0.1:7002");
+  auto w0 = AsyncJoinAt(addr, Role::kWorker, "127.0.0.1:7003", 0);
+  auto s1 = AsyncJoinAt(addr, Role::kServer, "127.0.0.1:7004", 1);
+  auto sa = AsyncJoin(addr, Role::kServer, "127.0.0.1:7005");
+  struct Want {
+    std::future<Result<std::unique_ptr<BootstrapClient>>>* f;
+    Role role;
+    uint32_t role_rank;
+    uint32_t rank;
+  };
+  std::vector<std::unique_ptr<BootstrapClient>> keep;
+  for (Want w :
+       {Want{&w2, Role::kWorker, 2, 2}, Want{&wa, Role::kWorker, 1, 1}, Want{&w0, Role::kWorker, 0, 0},
+        Want{&s1, Role::kServer, 1, 4}, Want{&sa, Role::kServer, 0, 3}}) {
+    auto r = w.f->get();
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    const ClusterView& v = (*r)->view();
+    EXPECT_EQ(v.self_rank, w.rank);
+    EXPECT_EQ(v.self().role, w.role);
+    EXPECT_EQ(v.self().role_rank, w.role_rank);
+    keep.push_back(std::move(r).value());
+  }
+  EXPECT_EQ(keep[0]->view().nodes[0].address, "127.0.0.1:7003");
+  EXPECT_EQ(keep[0]->view().nodes[4].address, "127.0.0.1:7004");
+}
+
+TEST(BootstrapTest, RequestedIndexOutOfRangeIsRefused) {
+  auto sched = StartScheduler(1, 1);
+  ASSERT_NE(sched, nullptr);
+  auto bad = BootstrapClient::Join(SchedAddr(*sched), Role::kWorker, "127.0.0.1:7009", kJoinTimeout, 1u);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument) << bad.status().ToString();
+  EXPECT_NE(bad.status().message().find("outside the cluster's 1 workers"), std::string::npos)
+      << bad.status().ToString();
+  auto reserved =
+      BootstrapClient::Join(SchedAddr(*sched), Role::kWorker, "127.0.0.1:7009", kJoinTimeout, 0xffffffffu);
+  EXPECT_EQ(reserved.status().code(), StatusCode::kInvalidArgument);
+  ExpectServesCluster(*sched);
+}
+
+TEST(BootstrapTest, DuplicateRequestedIndexIsRefused) {
+  auto sched = StartScheduler(2, 1);
+  ASSERT_NE(sched, nullptr);
+  const std::string addr = SchedAddr(*sched);
+  auto a = AsyncJoinAt(addr, Role::kWorker, "127.0.0.1:7001", 0);
+  auto b = AsyncJoinAt(addr, Role::kWorker, "127.0.0.1:7002", 0);
+  // Whichever registers second is refused at once; the first keeps waiting.
+  auto* refused = &a;
+  auto* kept = &b;
+  const auto deadline = std::chrono::steady_clock::now() + kJoinTimeout;
+  while (true) {
+    if (a.wait_for(milliseconds(10)) == std::future_status::ready) break;
+    if (b.wait_for(milliseconds(10)) == std::future_status::ready) {
+      std::swap(refused, kept);
+      break;
+    }
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "neither duplicate was refused";
+  }
+  auto r = refused->get();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kAlreadyExists) << r.status().ToString();
+  EXPECT_NE(r.status().message().find("worker index 0"), std::string::npos) << r.status().ToString();
+  auto w = AsyncJoin(addr, Role::kWorker, "127.0.0.1:7003");
+  auto s = AsyncJoin(addr, Role::kServer, "127.0.0.1:7004");
+  auto first = kept->get();
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  EXPECT_EQ((*first)->view().self().role_rank, 0u);
+  auto other = w.get();
+  ASSERT_TRUE(other.ok()) << other.status().ToString();
+  EXPECT_EQ((*other)->view().self().role_rank, 1u);
+  ASSERT_TRUE(s.get().ok());
+}
+
 TEST(BootstrapTest, TooManyServersBeforeFormationGetsError) {
   // Two raw servers for one slot: whichever registers second is refused
   // while the cluster is still incomplete.
@@ -560,6 +645,29 @@ TEST(BootstrapWireTest, AssignRoundTripsAndRejectsInconsistentCounts) {
   for (size_t n = 0; n + 5 < frame.size(); ++n) {
     EXPECT_FALSE(wire::DecodeAssign({frame.data() + 5, n}).ok()) << n;
   }
+}
+
+TEST(BootstrapWireTest, RegisterCarriesAnOptionalIndex) {
+  auto any = wire::EncodeRegister({Role::kWorker, "127.0.0.1:7001"});
+  auto fixed = wire::EncodeRegister({Role::kServer, "127.0.0.1:7001", 7});
+  ASSERT_EQ(fixed.size(), any.size() + 4);
+  auto payload = [](const std::vector<uint8_t>& frame) {
+    return std::span<const uint8_t>(frame).subspan(wire::kLengthBytes + 1);
+  };
+  auto a = wire::DecodeRegister(payload(any));
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  EXPECT_EQ(a->requested_role_rank, wire::kAnyRoleRank);
+  auto f = wire::DecodeRegister(payload(fixed));
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  EXPECT_EQ(f->role, Role::kServer);
+  EXPECT_EQ(f->requested_role_rank, 7u);
+  // A partial index (1..3 trailing bytes) and anything after it are corrupt.
+  for (size_t cut = 1; cut <= 3; ++cut) {
+    std::vector<uint8_t> partial(fixed.begin(), fixed.end() - cut);
+    EXPECT_EQ(wire::DecodeRegister(payload(partial)).status().code(), StatusCode::kCorrupt) << cut;
+  }
+  fixed.push_back(0);
+  EXPECT_EQ(wire::DecodeRegister(payload(fixed)).status().code(), StatusCode::kCorrupt);
 }
 
 TEST(BootstrapWireTest, Addresses) {
