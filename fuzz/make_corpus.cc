@@ -211,6 +211,9 @@ void BootstrapCorpus() {
   reg.address = "127.0.0.1:4000";
   const Bytes reg_frame = bw::EncodeRegister(reg);
   Write(t, "register", reg_frame);
+  bw::RegisterMsg indexed = reg;
+  indexed.requested_role_rank = 3;
+  Write(t, "register_index", bw::EncodeRegister(indexed));
   transport::ClusterView view;
   view.self_rank = 1;
   view.num_workers = 2;
