@@ -379,6 +379,7 @@ class TcpBackend final : public Backend {
   bool HandleRead(Connection* c, const Header& h);
   bool HandleReadResp(Connection* c, const Header& h);
   void UnpinLocked(Frame* f);
+  void DropConnectionsGatheringFrom(uint64_t key);
   void FinishPayload(Connection* c);
   void Fail(Connection* c, const std::string& reason);
   void Shut(Connection* c, const Status& status, bool emit_peer_error);
@@ -471,29 +472,22 @@ Status TcpBackend::DeregisterMemory(const MemoryRegion& region) {
   const uint64_t key = region.key;
   const auto deadline = Clock::now() + options_.connect_timeout;
   auto pins = [&] { return regions_.find(key)->second.pins; };
+  bool drop_posted = false;
   while (pins() > 0) {
     lk.unlock();
     const bool late = Clock::now() >= deadline;
-    if (late ? TryLockProgressFor(std::chrono::milliseconds(10)) : progress_mu_.try_lock()) {
+    if (progress_mu_.try_lock()) {
       owner_.store(Owner::kOther);
       if (late) {
-        std::vector<Connection*> stuck;
-        {
-          std::lock_guard g(mu_);
-          for (auto& c : conns_) {
-            for (Frame* f = c->inflight.head; f && c->open; f = f->next) {
-              if (f->pinned && f->region_key == key) {
-                stuck.push_back(c.get());
-                break;
-              }
-            }
-          }
-        }
-        for (Connection* c : stuck) Fail(c, "it did not read a response from a region being deregistered");
+        DropConnectionsGatheringFrom(key);
       } else {
         io_.poll();
       }
       ReleaseProgress();
+    } else if (late && !drop_posted) {
+      // A poller holds progress (perhaps asleep in the reactor): it runs this.
+      drop_posted = true;
+      asio::post(io_, [this, key] { DropConnectionsGatheringFrom(key); });
     } else {
       std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
@@ -501,6 +495,24 @@ Status TcpBackend::DeregisterMemory(const MemoryRegion& region) {
   }
   regions_.erase(key);
   return Status::Ok();
+}
+
+// Progress side: fails the connections whose unfinished socket write still
+// gathers from region `key` (their peers stopped reading).
+void TcpBackend::DropConnectionsGatheringFrom(uint64_t key) {
+  std::vector<Connection*> stuck;
+  {
+    std::lock_guard g(mu_);
+    for (auto& c : conns_) {
+      for (Frame* f = c->inflight.head; f && c->open; f = f->next) {
+        if (f->pinned && f->region_key == key) {
+          stuck.push_back(c.get());
+          break;
+        }
+      }
+    }
+  }
+  for (Connection* c : stuck) Fail(c, "it did not read a response from a region being deregistered");
 }
 
 // Progress side, mu_ held: a READ_RESP no longer references its region.
