@@ -54,7 +54,8 @@ TransportChoice ChooseTransport(const std::string& device) {
   std::string seen;
   std::string active = FindActivePort(device, &seen);
   if (!active.empty()) return {"verbs", active + " is ACTIVE"};
-  std::string why = device.empty() ? "no ibverbs device with an ACTIVE port" : "device " + device + " has no ACTIVE port";
+  std::string why =
+      device.empty() ? "no ibverbs device with an ACTIVE port" : "device " + device + " has no ACTIVE port";
   why += seen.empty() ? " (libibverbs lists none)" : " (" + seen + ")";
 #ifdef ZIPWIRE_HAVE_UCX
   return {"ucx", why + "; ucx is built"};

@@ -109,7 +109,8 @@ const char* TestName(Test t) {
 bool IsBw(Test t) { return t == Test::kWriteBw || t == Test::kReadBw || t == Test::kSendBw; }
 bool IsSend(Test t) { return t == Test::kSendBw || t == Test::kSendLat; }
 bool IsKnownTest(uint8_t v) {
-  return std::any_of(std::begin(kTests), std::end(kTests), [v](Test t) { return static_cast<uint8_t>(t) == v; });
+  return std::any_of(std::begin(kTests), std::end(kTests),
+                     [v](Test t) { return static_cast<uint8_t>(t) == v; });
 }
 
 struct Options {
@@ -127,9 +128,9 @@ struct Options {
   bool events = false;  // block in Poll instead of spinning (perftest -e)
   bool bidir = false;
   bool gpu = false;
-  std::string codec;  // empty: plain bytes
+  std::string codec;                            // empty: plain bytes
   std::string ib_device, ib_gid_index, ib_qps;  // -d / -x / -q (verbs only)
-  std::string host;   // empty: server
+  std::string host;                             // empty: server
 };
 
 void PrintUsage(FILE* out) {
@@ -338,7 +339,8 @@ int ParseArgs(int argc, char** argv, Options* opt) {
     if (opt->bidir) return UsageError("--codec and --bidir cannot be combined (the server only decodes)");
     if (opt->gpu) return UsageError("--codec compresses on the host; it cannot be combined with --gpu");
     if (size_given && (opt->size % 4 != 0)) {
-      return UsageError("--codec: --size " + std::to_string(opt->size) + " is not a whole number of fp32 values");
+      return UsageError("--codec: --size " + std::to_string(opt->size) +
+                        " is not a whole number of fp32 values");
     }
   }
   if (opt->gpu && IsSend(opt->test)) {
@@ -410,7 +412,9 @@ void PutRegion(std::vector<uint8_t>* out, const RemoteRegion& r) {
   out->insert(out->end(), buf, buf + sizeof(buf));
 }
 
-bool IsControl(const std::vector<uint8_t>& m) { return m.size() >= 8 && std::memcmp(m.data(), kMagic, 4) == 0; }
+bool IsControl(const std::vector<uint8_t>& m) {
+  return m.size() >= 8 && std::memcmp(m.data(), kMagic, 4) == 0;
+}
 
 Status CheckHeader(const std::vector<uint8_t>& m, MsgKind kind) {
   if (!IsControl(m)) return Corrupt("not a zipwire_perf control message (is the peer zipwire_perf?)");
@@ -461,7 +465,8 @@ Result<Hello> DecodeHello(const std::vector<uint8_t>& m) {
   }
   h.region = transport::DecodeRemoteRegion(&m[32 + n * 8]);
   uint64_t codec_len = Get(&m[fixed], 4);
-  if (codec_len > kMaxCodecSpec || m.size() != fixed + 4 + codec_len) return Corrupt("HELLO has the wrong length");
+  if (codec_len > kMaxCodecSpec || m.size() != fixed + 4 + codec_len)
+    return Corrupt("HELLO has the wrong length");
   h.codec.assign(m.begin() + static_cast<ptrdiff_t>(fixed + 4), m.end());
   return h;
 }
@@ -559,7 +564,8 @@ Result<std::vector<uint8_t>> WaitMessage(Pump& pump, PeerId peer, const Handler&
       }
       if (other) {
         // `other` sees the data traffic; a message it does not take is ours.
-        if (!(c.type == CompletionType::kRecvMessage && c.peer == peer && IsControl(c.message))) return other(c);
+        if (!(c.type == CompletionType::kRecvMessage && c.peer == peer && IsControl(c.message)))
+          return other(c);
       }
       if (c.type == CompletionType::kRecvMessage && c.peer == peer && !done) {
         got = std::move(c.message);
@@ -614,8 +620,9 @@ Result<Buffer> MakeBuffer(Backend& backend, uint64_t bytes, bool gpu) {
     int devices = 0;
     cudaError_t err = cudaGetDeviceCount(&devices);
     if (err != cudaSuccess || devices == 0) {
-      return FailedPrecondition(std::string("--gpu: no CUDA device (") +
-                                (err != cudaSuccess ? cudaGetErrorString(err) : "cudaGetDeviceCount found 0") + ")");
+      return FailedPrecondition(
+          std::string("--gpu: no CUDA device (") +
+          (err != cudaSuccess ? cudaGetErrorString(err) : "cudaGetDeviceCount found 0") + ")");
     }
     void* p = nullptr;
     err = cudaMalloc(&p, b.bytes);
@@ -664,11 +671,12 @@ Status CheckBackendFor(const Backend& backend, Test test, const std::vector<uint
   }
   if (!IsSend(test) && max_size > caps.max_write_bytes) {
     return InvalidArgument("size " + std::to_string(max_size) + " exceeds the " + caps.name +
-                           " backend's largest write (max_write_bytes " + std::to_string(caps.max_write_bytes) +
-                           ")");
+                           " backend's largest write (max_write_bytes " +
+                           std::to_string(caps.max_write_bytes) + ")");
   }
   if (gpu && !caps.SupportsMemory(MemoryKind::kCuda)) {
-    return NotSupported("--gpu: the " + caps.name + " backend does not accept CUDA memory (MemoryKind::kCuda)");
+    return NotSupported("--gpu: the " + caps.name +
+                        " backend does not accept CUDA memory (MemoryKind::kCuda)");
   }
   return Status::Ok();
 }
@@ -676,8 +684,9 @@ Status CheckBackendFor(const Backend& backend, Test test, const std::vector<uint
 std::vector<uint64_t> Sizes(const Options& opt, const Backend& backend) {
   std::vector<uint64_t> out;
   if (opt.all) {
-    const uint64_t top = IsSend(opt.test) ? std::min<uint64_t>(kMaxAllBytes, backend.capabilities().max_control_bytes)
-                                          : kMaxAllBytes;
+    const uint64_t top = IsSend(opt.test)
+                             ? std::min<uint64_t>(kMaxAllBytes, backend.capabilities().max_control_bytes)
+                             : kMaxAllBytes;
     for (uint64_t s = opt.codec.empty() ? 2 : 4; s <= top; s *= 2) out.push_back(s);
   } else {
     out.push_back(opt.size);
@@ -709,7 +718,8 @@ Result<CodecPlan> MakeCodecPlan(const std::string& spec, const std::vector<uint6
   CodecPlan plan;
   ZW_ASSIGN_OR_RETURN(plan.codec, kernels::CreateCodec(spec));
   for (uint64_t s : sizes) {
-    if (s % 4 != 0) return InvalidArgument("--codec: size " + std::to_string(s) + " is not a whole number of fp32 values");
+    if (s % 4 != 0)
+      return InvalidArgument("--codec: size " + std::to_string(s) + " is not a whole number of fp32 values");
     plan.slot_bytes = std::max<uint64_t>(plan.slot_bytes, plan.codec->MaxCompressedBytes(s / 4));
   }
   plan.slot_bytes = (plan.slot_bytes + 63) / 64 * 64;
@@ -752,7 +762,8 @@ Result<uint64_t> EncodeInto(CodecRun* run, const Buffer& buf, uint64_t index) {
   kernels::CodecContext ctx;
   ctx.seed = 42;
   ctx.step = index;
-  ZW_ASSIGN_OR_RETURN(size_t n, plan.codec->Compress(run->src, std::span<uint8_t>(buf.ptr + off, plan.slot_bytes), ctx));
+  ZW_ASSIGN_OR_RETURN(
+      size_t n, plan.codec->Compress(run->src, std::span<uint8_t>(buf.ptr + off, plan.slot_bytes), ctx));
   return n;
 }
 
@@ -760,8 +771,9 @@ Result<uint64_t> EncodeInto(CodecRun* run, const Buffer& buf, uint64_t index) {
 // `peer`; completions of other kinds (the peer's traffic in --bidir, CREDITs)
 // go to `other`.
 Result<BwRow> RunBw(Backend& backend, Pump& pump, PeerId peer, Test test, const Buffer& buf,
-                    const RemoteRegion& remote, uint64_t size, uint64_t iters, uint64_t warmup, uint32_t tx_depth,
-                    std::chrono::milliseconds slice, const Handler& other, CodecRun* codec) {
+                    const RemoteRegion& remote, uint64_t size, uint64_t iters, uint64_t warmup,
+                    uint32_t tx_depth, std::chrono::milliseconds slice, const Handler& other,
+                    CodecRun* codec) {
   const uint64_t total = warmup + iters;
   const CompletionType done_type = test == Test::kWriteBw  ? CompletionType::kWriteDone
                                    : test == Test::kReadBw ? CompletionType::kReadDone
@@ -791,9 +803,7 @@ Result<BwRow> RunBw(Backend& backend, Pump& pump, PeerId peer, Test test, const 
     }
   };
   // A codec slot is written again only once the server has decoded it.
-  auto may_post = [&] {
-    return codec == nullptr || codec->next < codec->credited + codec->plan->slots;
-  };
+  auto may_post = [&] { return codec == nullptr || codec->next < codec->credited + codec->plan->slots; };
   // Posts [n_posted, end) keeping at most tx_depth outstanding, until all of
   // them completed (completions arrive in posting order).
   auto run = [&](uint64_t end) -> Status {
@@ -808,7 +818,8 @@ Result<BwRow> RunBw(Backend& backend, Pump& pump, PeerId peer, Test test, const 
             if (c.type != done_type || c.peer != peer || (c.context & kControlCtx) != 0) {
               return other ? other(c) : Status::Ok();
             }
-            if (c.context >= total) return Internal("completion for unknown operation " + std::to_string(c.context));
+            if (c.context >= total)
+              return Internal("completion for unknown operation " + std::to_string(c.context));
             completed[c.context] = Clock::now();
             ++n_done;
             return Status::Ok();
@@ -822,7 +833,8 @@ Result<BwRow> RunBw(Backend& backend, Pump& pump, PeerId peer, Test test, const 
   BwRow row;
   row.bytes = size;
   row.iters = iters;
-  const double msg_bytes = codec != nullptr ? wire_timed / static_cast<double>(iters) : static_cast<double>(size);
+  const double msg_bytes =
+      codec != nullptr ? wire_timed / static_cast<double>(iters) : static_cast<double>(size);
   row.wire_bytes = msg_bytes;
   const double elapsed = Seconds(completed[total - 1] - posted[warmup]);
   row.avg = msg_bytes * static_cast<double>(iters) / elapsed / kMB;
@@ -853,13 +865,14 @@ Result<LatRow> RunLat(Backend& backend, Pump& pump, Test test, const Buffer& buf
     auto t0 = Clock::now();
     uint64_t wire = size;
     if (test == Test::kSendLat) {
-      ZW_RETURN_IF_ERROR(backend.PostSend(kServerRank, std::span<const uint8_t>(buf.ptr, size), kControlCtx | i));
+      ZW_RETURN_IF_ERROR(
+          backend.PostSend(kServerRank, std::span<const uint8_t>(buf.ptr, size), kControlCtx | i));
     } else {
       if (codec != nullptr) {
         ZW_ASSIGN_OR_RETURN(wire, EncodeInto(codec, buf, i));
       }
-      ZW_RETURN_IF_ERROR(
-          backend.PostWrite(kServerRank, buf.region, 0, remote, 0, wire, static_cast<uint32_t>(i), kControlCtx | i));
+      ZW_RETURN_IF_ERROR(backend.PostWrite(kServerRank, buf.region, 0, remote, 0, wire,
+                                           static_cast<uint32_t>(i), kControlCtx | i));
     }
     bool echoed = false;
     while (!echoed) {
@@ -880,9 +893,9 @@ Result<LatRow> RunLat(Backend& backend, Pump& pump, Test test, const Buffer& buf
                              " bytes, expected " + std::to_string(i));
             }
             if (codec != nullptr) {
-              ZW_RETURN_IF_ERROR(codec->plan->codec->Decompress(
-                  std::span<const uint8_t>(buf.ptr + c.offset, c.length),
-                  std::span<float>(decoded->data(), size / 4)));
+              ZW_RETURN_IF_ERROR(
+                  codec->plan->codec->Decompress(std::span<const uint8_t>(buf.ptr + c.offset, c.length),
+                                                 std::span<float>(decoded->data(), size / 4)));
             }
             echoed = true;
             return Status::Ok();
@@ -947,7 +960,8 @@ class Receiver {
     if (plan_ != nullptr) {
       // The encoded size depends on the codec (and, for some, the data); the
       // decoder validates it and the element count.
-      if (c.offset > buf_.bytes || got > buf_.bytes - c.offset) return Corrupt("codec message outside the buffer");
+      if (c.offset > buf_.bytes || got > buf_.bytes - c.offset)
+        return Corrupt("codec message outside the buffer");
       Status st = plan_->codec->Decompress(std::span<const uint8_t>(buf_.ptr + c.offset, got),
                                            std::span<float>(decoded_.data(), want / 4));
       if (!st.ok()) return st.WithContext("decoding message " + std::to_string(received_));
@@ -1071,9 +1085,10 @@ int RunServer(const Options& opt, Backend& backend) {
     std::vector<BwRow> rows;
     const auto bw_slice = std::chrono::milliseconds(opt.events ? 100 : 0);
     for (uint64_t size : hello->sizes) {
-      auto row = RunBw(backend, pump, peer, hello->test, *buffer, hello->region, size, hello->iters, hello->warmup,
-                       hello->tx_depth, bw_slice, on_rx, nullptr);
-      if (!row.ok()) return fail(row.status().WithContext(std::string(TestName(hello->test)) + " toward the client"));
+      auto row = RunBw(backend, pump, peer, hello->test, *buffer, hello->region, size, hello->iters,
+                       hello->warmup, hello->tx_depth, bw_slice, on_rx, nullptr);
+      if (!row.ok())
+        return fail(row.status().WithContext(std::string(TestName(hello->test)) + " toward the client"));
       rows.push_back(*row);
     }
     if (Status st = backend.PostSend(peer, EncodeResult(rows), kControlCtx); !st.ok()) return fail(st);
@@ -1124,8 +1139,8 @@ Status WriteJson(const Options& opt, const std::vector<BwRow>& bw, const std::ve
                  ", \"bw_peak_MBps\": %.2f, \"bw_avg_MBps\": %.2f, \"msg_rate_Mpps\": %.6f",
                  i ? "," : "", bw[i].bytes, bw[i].iters, bw[i].peak, bw[i].avg, bw[i].mpps);
     if (codec) {
-      std::fprintf(f, ", \"wire_bytes\": %.1f, \"wire_MBps\": %.2f, \"effective_MBps\": %.2f", bw[i].wire_bytes,
-                   bw[i].avg, bw[i].mpps * 1e6 * static_cast<double>(bw[i].bytes) / kMB);
+      std::fprintf(f, ", \"wire_bytes\": %.1f, \"wire_MBps\": %.2f, \"effective_MBps\": %.2f",
+                   bw[i].wire_bytes, bw[i].avg, bw[i].mpps * 1e6 * static_cast<double>(bw[i].bytes) / kMB);
     }
     std::fprintf(f, "}");
   }
@@ -1167,7 +1182,8 @@ int RunClient(const Options& opt, Backend& backend) {
   };
   const std::vector<uint64_t> sizes = Sizes(opt, backend);
   // What this backend cannot run is a usage error, found before connecting.
-  if (Status st = CheckBackendFor(backend, opt.test, sizes, opt.gpu); !st.ok()) return UsageError(st.message());
+  if (Status st = CheckBackendFor(backend, opt.test, sizes, opt.gpu); !st.ok())
+    return UsageError(st.message());
   std::unique_ptr<CodecPlan> plan;
   if (!opt.codec.empty()) {
     auto made = MakeCodecPlan(opt.codec, sizes, opt.test, opt.tx_depth);
@@ -1210,10 +1226,12 @@ int RunClient(const Options& opt, Backend& backend) {
   std::printf("%s", kRule);
   std::printf("                    %s Test%s (zipwire, transport %s)\n", TestTitle(opt.test),
               opt.bidir ? " (bidirectional)" : "", opt.transport.c_str());
-  std::printf(" Server: %s   Iterations: %" PRIu64 "   Warm-up: %" PRIu64, server.c_str(), opt.iters, hello.warmup);
+  std::printf(" Server: %s   Iterations: %" PRIu64 "   Warm-up: %" PRIu64, server.c_str(), opt.iters,
+              hello.warmup);
   if (IsBw(opt.test)) std::printf("   TX depth: %u", opt.tx_depth);
   if (opt.gpu) std::printf("   Memory: CUDA");
-  if (plan) std::printf("\n Codec: %s (bytes = fp32 message; BW = encoded bytes on the wire)", opt.codec.c_str());
+  if (plan)
+    std::printf("\n Codec: %s (bytes = fp32 message; BW = encoded bytes on the wire)", opt.codec.c_str());
   std::printf("\n%s", kRule);
   if (IsBw(opt.test)) {
     std::printf(" #bytes     #iterations    BW peak[MB/sec]    BW average[MB/sec]   MsgRate[Mpps]%s\n",
@@ -1259,11 +1277,13 @@ int RunClient(const Options& opt, Backend& backend) {
     if (IsBw(opt.test)) {
       auto row = RunBw(backend, pump, kServerRank, opt.test, *buffer, remote, size, opt.iters, hello.warmup,
                        opt.tx_depth, slice, other, plan ? &codec_run : nullptr);
-      if (!row.ok()) return fail(row.status().WithContext(std::string(TestName(opt.test)) + " " + std::to_string(size) + " B"));
+      if (!row.ok())
+        return fail(
+            row.status().WithContext(std::string(TestName(opt.test)) + " " + std::to_string(size) + " B"));
       bw_rows.push_back(*row);
       if (!opt.bidir) {
-        std::printf(" %-7" PRIu64 "    %-7" PRIu64 "          %-7.2f            %-7.2f            %-7.6f", row->bytes,
-                    row->iters, row->peak, row->avg, row->mpps);
+        std::printf(" %-7" PRIu64 "    %-7" PRIu64 "          %-7.2f            %-7.2f            %-7.6f",
+                    row->bytes, row->iters, row->peak, row->avg, row->mpps);
         if (plan) {
           std::printf("       %-10.2f     %-10.2f", row->avg,
                       row->mpps * 1e6 * static_cast<double>(row->bytes) / kMB);
@@ -1273,8 +1293,11 @@ int RunClient(const Options& opt, Backend& backend) {
     } else {
       auto row = RunLat(backend, pump, opt.test, *buffer, remote, size, opt.iters, hello.warmup, slice,
                         plan ? &codec_run : nullptr, &decoded);
-      if (!row.ok()) return fail(row.status().WithContext(std::string(TestName(opt.test)) + " " + std::to_string(size) + " B"));
-      std::printf(" %-7" PRIu64 " %-7" PRIu64 "        %-7.2f        %-7.2f      %-7.2f          %-7.2f        %-7.2f",
+      if (!row.ok())
+        return fail(
+            row.status().WithContext(std::string(TestName(opt.test)) + " " + std::to_string(size) + " B"));
+      std::printf(" %-7" PRIu64 " %-7" PRIu64
+                  "        %-7.2f        %-7.2f      %-7.2f          %-7.2f        %-7.2f",
                   row->bytes, row->iters, row->t_min, row->t_max, row->t_typical, row->t_avg, row->t999);
       if (plan) std::printf("     %-8.0f", row->wire_bytes);
       std::printf("\n");
@@ -1301,8 +1324,8 @@ int RunClient(const Options& opt, Backend& backend) {
       r.peak += (*theirs)[i].peak;
       r.avg += (*theirs)[i].avg;
       r.mpps += (*theirs)[i].mpps;
-      std::printf(" %-7" PRIu64 "    %-7" PRIu64 "          %-7.2f            %-7.2f            %-7.6f\n", r.bytes,
-                  r.iters, r.peak, r.avg, r.mpps);
+      std::printf(" %-7" PRIu64 "    %-7" PRIu64 "          %-7.2f            %-7.2f            %-7.6f\n",
+                  r.bytes, r.iters, r.peak, r.avg, r.mpps);
     }
   }
   std::printf("%s", kRule);

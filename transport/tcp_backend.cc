@@ -232,8 +232,8 @@ class ReadQueue {
 // A local registration and the READ_RESP frames gathering from it right now.
 struct RegionEntry {
   MemoryRegion region;
-  uint32_t pins = 0;     // READ_RESP frames handed to the socket, not yet written
-  bool dying = false;    // DeregisterMemory is waiting for pins to drop
+  uint32_t pins = 0;   // READ_RESP frames handed to the socket, not yet written
+  bool dying = false;  // DeregisterMemory is waiting for pins to drop
 };
 
 using internal::CompletionRing;
@@ -253,7 +253,7 @@ struct Connection {
   FrameList queue;   // posted, not yet handed to the socket
   uint64_t next_seq = 1;
   bool flush_posted = false;
-  ReadQueue reads;   // our READs waiting for their READ_RESP, in request order
+  ReadQueue reads;  // our READs waiting for their READ_RESP, in request order
 
   // Progress state: touched only by whoever holds TcpBackend::progress_mu_.
   bool writing = false;  // an async_write is outstanding
@@ -1075,10 +1075,10 @@ bool TcpBackend::HandleRead(Connection* c, const Header& h) {
       refuse = kNackOutOfRange;
     }
     if (refuse != 0) {
-      ZW_LOG(kWarn, "tcp: refused READ from peer " << c->peer << " (" << c->address << "): key " << h.key
-                                                   << " offset " << h.offset << " length " << h.length
-                                                   << (refuse == kNackUnknownKey ? ": unknown key"
-                                                                                 : ": outside region"));
+      ZW_LOG(kWarn, "tcp: refused READ from peer "
+                        << c->peer << " (" << c->address << "): key " << h.key << " offset " << h.offset
+                        << " length " << h.length
+                        << (refuse == kNackUnknownKey ? ": unknown key" : ": outside region"));
     }
     Frame* f = AllocFrameLocked();
     f->type = kReadResp;
@@ -1118,9 +1118,10 @@ bool TcpBackend::HandleReadResp(Connection* c, const Header& h) {
     // Fail takes mu_ itself; decide under the lock, act after it.
     if (!c->reads.empty() && c->reads.front().seq == h.key) want = c->reads.front();
   }
-  if (want.seq == 0) return DropCorrupt(c, "READ_RESP for READ " + std::to_string(h.key) + " not outstanding");
-  if (h.code == 0 ? h.length != want.length : (h.code != kNackUnknownKey && h.code != kNackOutOfRange) ||
-                                                  h.length != 0) {
+  if (want.seq == 0)
+    return DropCorrupt(c, "READ_RESP for READ " + std::to_string(h.key) + " not outstanding");
+  if (h.code == 0 ? h.length != want.length
+                  : (h.code != kNackUnknownKey && h.code != kNackOutOfRange) || h.length != 0) {
     return DropCorrupt(c, "READ_RESP does not match READ " + std::to_string(h.key));
   }
   c->cur = h;
@@ -1131,8 +1132,8 @@ bool TcpBackend::HandleReadResp(Connection* c, const Header& h) {
   c->read_context = want.context;
   c->read_status = Status::Ok();
   if (h.code != 0) {
-    c->read_status = OutOfRange("peer " + std::to_string(c->peer) + " (" + c->address + ") refused the read of " +
-                                std::to_string(want.length) + " bytes: " +
+    c->read_status = OutOfRange("peer " + std::to_string(c->peer) + " (" + c->address +
+                                ") refused the read of " + std::to_string(want.length) + " bytes: " +
                                 (h.code == kNackUnknownKey ? "the key is not registered there"
                                                            : "the range is outside its registration"));
   } else {

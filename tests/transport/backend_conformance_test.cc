@@ -640,9 +640,9 @@ TEST_P(BackendTest, GarbageOnListenPortIsDroppedAndServiceContinues) {
 // Optional section: PostRead (capabilities().supports_read). Backends without
 // it must say so with kNotSupported; the rest must honour the contract.
 
-#define ZW_REQUIRE_READ(node)                                                                  \
-  if (!(node).backend->capabilities().supports_read) {                                        \
-    GTEST_SKIP() << GetParam() << " does not claim supports_read";                            \
+#define ZW_REQUIRE_READ(node)                                      \
+  if (!(node).backend->capabilities().supports_read) {             \
+    GTEST_SKIP() << GetParam() << " does not claim supports_read"; \
   }
 
 TEST_P(BackendTest, PostReadWithoutCapabilityIsNotSupported) {
