@@ -242,6 +242,55 @@ void BootstrapCorpus() {
   Write(t, "empty", {});
 }
 
+// The tcp backend's frames after the HELLO (fuzz_tcp_stream sends that
+// itself): 40-byte little-endian headers as documented in tcp_backend.cc,
+// naming region key 1, the fuzzer's one registration.
+Bytes TcpFrame(uint8_t type, uint8_t code, uint32_t imm, uint64_t ack, uint64_t key, uint64_t offset,
+               uint64_t length) {
+  Bytes h(40, 0);
+  auto le = [&](size_t at, uint64_t v, int n) {
+    for (int i = 0; i < n; ++i) h[at + i] = static_cast<uint8_t>(v >> (8 * i));
+  };
+  h[0] = type;
+  h[1] = code;
+  le(4, imm, 4);
+  le(8, ack, 8);
+  le(16, key, 8);
+  le(24, offset, 8);
+  le(32, length, 8);
+  return h;
+}
+
+void TcpCorpus() {
+  const std::string t = "fuzz_tcp_stream";
+  enum : uint8_t { kWrite = 2, kSend = 3, kAck = 4, kNack = 5, kRead = 6, kReadResp = 7 };
+  Bytes write = TcpFrame(kWrite, 0, 7, 0, 1, 100, 16);
+  write.insert(write.end(), 16, 0xab);
+  Write(t, "write", write);
+  Bytes send = TcpFrame(kSend, 0, 0, 0, 0, 0, 8);
+  send.insert(send.end(), {1, 2, 3, 4, 5, 6, 7, 8});
+  Write(t, "send", send);
+  const Bytes read = TcpFrame(kRead, 0, 0, 0, 1, 0, 4096);
+  Write(t, "read", read);
+  Write(t, "read_unknown_key", TcpFrame(kRead, 0, 0, 0, 99, 0, 16));
+  Write(t, "read_out_of_range", TcpFrame(kRead, 0, 0, 0, 1, 65000, 4096));
+  Bytes write_refused = TcpFrame(kWrite, 0, 1, 0, 1, 65530, 16);
+  write_refused.insert(write_refused.end(), 16, 0);
+  Write(t, "write_out_of_range", write_refused);
+  Write(t, "read_resp_unsolicited", TcpFrame(kReadResp, 0, 0, 0, 1, 0, 0));
+  Write(t, "ack_nothing", TcpFrame(kAck, 0, 0, 0, 0, 0, 0));
+  Write(t, "nack_never_sent", TcpFrame(kNack, 1, 0, 1, 1, 0, 0));
+  Bytes stream = write;  // several frames back to back, the reads answered in order
+  stream.insert(stream.end(), read.begin(), read.end());
+  stream.insert(stream.end(), send.begin(), send.end());
+  const Bytes read2 = TcpFrame(kRead, 0, 0, 0, 1, 8, 8);
+  stream.insert(stream.end(), read2.begin(), read2.end());
+  Write(t, "stream", stream);
+  Write(t, "write_truncated", Bytes(write.begin(), write.begin() + 45));
+  Write(t, "header_truncated", Bytes(read.begin(), read.begin() + 20));
+  Write(t, "empty", {});
+}
+
 }  // namespace
 }  // namespace zipwire::fuzz
 
@@ -257,5 +306,6 @@ int main(int argc, char** argv) {
   f::CodecCorpus();
   f::PsCorpus();
   f::BootstrapCorpus();
+  f::TcpCorpus();
   return f::g_errors == 0 ? 0 : 1;
 }

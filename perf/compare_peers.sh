@@ -1,19 +1,58 @@
 #!/usr/bin/env bash
-# Puts zipwire_perf (tcp backend) beside the standard TCP tools on loopback:
-#   bandwidth: zipwire_perf write_bw 1 MiB  vs  iperf3 -l 1M   (MiB/s)
-#   latency:   zipwire_perf write_lat 8 B   vs  qperf tcp_lat  (usec, one way)
-# Each pair runs RUNS times, interleaved so that background load hits both
-# alike; the medians and their ratio are printed.
+# Puts every zipwire backend beside the standard tool on the same path, in
+# one run, and ends with a summary of every pair's ratio and its limit:
 #
-# Usage: perf/compare_peers.sh        (after building build/bin/zipwire_perf)
+#   tcp    zipwire_perf -t tcp on loopback (this script):
+#            bandwidth: write_bw 1 MiB  vs  iperf3 -l 1M   (MiB/s)
+#            latency:   write_lat 8 B   vs  qperf tcp_lat  (usec, one way)
+#   ucx    perf/peers_ucx.sh: zipwire_perf -t ucx vs ucx_perftest, UCX_TLS=tcp
+#            and shared memory
+#   verbs  perf/peers_softroce.sh: zipwire_perf -t verbs vs ib_write_bw /
+#            ib_write_lat inside the soft-RoCE guest
+#
+# Each pair runs RUNS times, interleaved so that background load hits both
+# alike; medians and their ratio are printed. The ucx and verbs scripts print
+# their own tables and exit 0 when they measured, nonzero when a tool failed
+# (77: the soft-RoCE guest cannot start here); a missing one is reported as
+# such, not skipped silently.
+#
+# Usage: perf/compare_peers.sh [--softroce] [--only tcp|ucx|verbs] [-h]
+#   --softroce      only the soft-RoCE guest part (same as --only verbs)
+#   --only NAME     only that backend's section
 # Environment: ZIPWIRE_PERF (binary, default build/bin/zipwire_perf), RUNS (3),
-#   BW_SECONDS (4: target length of a write_bw run), LAT_ITERS (20000),
+#   BW_SECONDS (4: target length of a tcp write_bw run), LAT_ITERS (20000),
 #   ZW_PERF_FLAGS (extra zipwire_perf flags, e.g. -e to block instead of spin).
+#   RUNS and ZIPWIRE_PERF reach the ucx and verbs scripts too.
+# Exit status: 0 when every section that ran measured its pairs (whether or
+# not the limits hold: the summary says), 1 when a tool failed or a section
+# asked for is missing, 2 on a usage error.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PERF=${ZIPWIRE_PERF:-$ROOT/build/bin/zipwire_perf}
 RUNS=${RUNS:-3}
+export ZIPWIRE_PERF=$PERF RUNS
+
+usage() {
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+}
+ONLY=
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --softroce) ONLY=verbs ;;
+    --only)
+      [[ $# -ge 2 ]] || { echo "compare_peers: --only needs tcp, ucx or verbs" >&2; exit 2; }
+      case $2 in
+        tcp | ucx | verbs) ONLY=$2 ;;
+        *) echo "compare_peers: --only '$2': expected tcp, ucx or verbs" >&2; exit 2 ;;
+      esac
+      shift
+      ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "compare_peers: unknown argument '$1' (try -h)" >&2; exit 2 ;;
+  esac
+  shift
+done
 BW_SECONDS=${BW_SECONDS:-4}
 LAT_ITERS=${LAT_ITERS:-20000}
 read -r -a EXTRA <<<"${ZW_PERF_FLAGS:-}"
@@ -31,10 +70,18 @@ die() {
 }
 
 [[ -x $PERF ]] || die "$PERF not found; build it first (cmake --build build --target zipwire_perf)"
-for tool in iperf3 qperf python3 ss timeout; do
-  command -v "$tool" >/dev/null || die "$tool is not installed"
-done
+command -v python3 >/dev/null || die "python3 is not installed"
 
+LOGS=$(mktemp -d)
+trap 'rm -rf "$LOGS"' EXIT
+trap 'exit 130' INT TERM
+
+# --- tcp: this script's own section ----------------------------------------
+# Runs in a subshell (its die() ends only the section) with its own cleanup.
+tcp_section() {
+for tool in iperf3 qperf ss timeout; do
+  command -v "$tool" >/dev/null || die "$tool is not installed (scripts/install-deps.sh)"
+done
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -43,7 +90,6 @@ cleanup() {
   rm -rf "$TMP"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # A port nobody listens on right now (the kernel picks; small reuse race).
 free_port() {
@@ -78,11 +124,11 @@ run_zw() {  # test size iters
   json=$TMP/zw-$1-$RANDOM.json
   local mode=()
   [[ $1 == write_bw ]] && mode=("${BW_EXTRA[@]}")
-  timeout "$STEP_TIMEOUT" "$PERF" "${EXTRA[@]}" "${mode[@]}" -p "$port" --test "$1" >"$TMP/zw-server.log" 2>&1 &
+  timeout "$STEP_TIMEOUT" "$PERF" -t tcp "${EXTRA[@]}" "${mode[@]}" -p "$port" --test "$1" >"$TMP/zw-server.log" 2>&1 &
   local spid=$!
   PIDS+=("$spid")
   # The client retries its connect until the server listens (--timeout).
-  if ! timeout "$STEP_TIMEOUT" "$PERF" "${EXTRA[@]}" "${mode[@]}" -p "$port" --test "$1" -s "$2" -n "$3" --json "$json" \
+  if ! timeout "$STEP_TIMEOUT" "$PERF" -t tcp "${EXTRA[@]}" "${mode[@]}" -p "$port" --test "$1" -s "$2" -n "$3" --json "$json" \
     127.0.0.1 >"$TMP/zw-client.log" 2>&1; then
     kill "$spid" 2>/dev/null || true
     cat "$TMP/zw-client.log" "$TMP/zw-server.log" >&2
@@ -130,8 +176,6 @@ print("%.2f" % (float(m.group(1)) * scale))
 EOF
 }
 
-echo "zipwire_perf: $PERF ${EXTRA[*]} (write_bw adds: ${BW_EXTRA[*]})"
-echo "runs: $RUNS (interleaved); load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # Size the write_bw runs to about BW_SECONDS from a short calibration run.
 json=$(run_zw write_bw 1M 300)
@@ -176,3 +220,72 @@ printf '  %-28s %10s\n' "ratio zipwire / iperf3" "$(ratio "$zw_bw_med" "$ip_bw_m
 echo "latency, 8 B, loopback (usec one way, median of $RUNS)"
 printf '  %-28s %10s\n' "zipwire_perf write_lat" "$zw_lat_med" "qperf tcp_lat" "$qp_lat_med"
 printf '  %-28s %10s\n' "ratio zipwire / qperf" "$(ratio "$zw_lat_med" "$qp_lat_med")"
+echo
+echo "tcp vs iperf3 / qperf, loopback, medians of $RUNS runs"
+python3 - "$zw_bw_med" "$ip_bw_med" "$zw_lat_med" "$qp_lat_med" <<'EOF'
+import sys
+zb, ib, zl, ql = map(float, sys.argv[1:])
+print("| figure | zipwire -t tcp | peer | ratio | limit | holds |")
+print("| --- | --- | --- | --- | --- | --- |")
+for name, z, p, unit, op, limit in [("1 MiB write_bw vs iperf3 -l 1M", zb, ib, "MiB/s", ">=", 0.9),
+                                    ("8 B write_lat vs qperf tcp_lat", zl, ql, "usec", "<=", 1.2)]:
+    r = z / p
+    holds = r >= limit if op == ">=" else r <= limit
+    print("| %s | %.2f %s | %.2f %s | %.3f | %s %.2f | %s |" % (name, z, unit, p, unit, r, op, limit,
+                                                               "yes" if holds else "no"))
+EOF
+}
+
+# --- every section, then the summary ----------------------------------------
+# section NAME: runs it, teeing its output to $LOGS/NAME.log, and records how
+# it ended in $LOGS/NAME.status (measured / failed / skipped / missing).
+section() {
+  local name=$1 rc=0
+  echo
+  echo "=== $name ==="
+  if [[ $name == tcp ]]; then
+    if (tcp_section) 2>&1 | tee "$LOGS/$name.log"; then rc=0; else rc=${PIPESTATUS[0]}; fi
+  else
+    local script=$ROOT/perf/peers_ucx.sh
+    [[ $name == verbs ]] && script=$ROOT/perf/peers_softroce.sh
+    if [[ ! -f $script ]]; then
+      echo "compare_peers: $script is missing: the $name backend is NOT compared in this run"
+      echo missing >"$LOGS/$name.status"
+      return
+    fi
+    if bash "$script" 2>&1 | tee "$LOGS/$name.log"; then rc=0; else rc=${PIPESTATUS[0]}; fi
+  fi
+  if [[ $rc -eq 0 ]]; then
+    echo measured >"$LOGS/$name.status"
+  elif [[ $rc -eq 77 ]]; then
+    echo "skipped (exit 77: cannot run on this machine, see above)" >"$LOGS/$name.status"
+  else
+    echo "failed (exit $rc)" >"$LOGS/$name.status"
+  fi
+}
+
+echo "zipwire_perf: $PERF ${EXTRA[*]} (tcp write_bw adds: ${BW_EXTRA[*]})"
+echo "runs: $RUNS (interleaved); load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+SECTIONS=(tcp ucx verbs)
+[[ -n $ONLY ]] && SECTIONS=("$ONLY")
+for name in "${SECTIONS[@]}"; do section "$name"; done
+
+echo
+echo "=== summary: every pair, ratio against its limit (RUNS=$RUNS, $(date -u +%F)) ==="
+status=0
+for name in "${SECTIONS[@]}"; do
+  st=$(cat "$LOGS/$name.status")
+  echo "$name: $st"
+  # Every section prints markdown rows: | figure | zipwire | peer | ratio | limit | holds |
+  if [[ -f $LOGS/$name.log ]]; then
+    python3 - "$LOGS/$name.log" <<'EOF'
+import re, sys
+for line in open(sys.argv[1], errors="replace"):
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) == 6 and re.match(r"^(>=|<=|≥|≤) ?[0-9.]+$", cells[4]):
+        print("  %-44s ratio %-7s limit %-7s holds: %s" % (cells[0], cells[3], cells[4], cells[5]))
+EOF
+  fi
+  [[ $st == measured || $st == skipped* ]] || status=1
+done
+exit $status

@@ -1,29 +1,47 @@
-// zipwire_perf: an ib_write_bw / ib_write_lat style benchmark over a zipwire
-// transport backend (transport/backend.h), so that a backend can be compared
-// with perftest on RDMA hardware and with iperf3 / qperf on TCP.
+// zipwire_perf: a perftest-style benchmark (ib_write_bw, ib_read_bw,
+// ib_send_bw, ib_write_lat, ib_send_lat) over a zipwire transport backend
+// (transport/backend.h), so that a backend can be compared with perftest on
+// RDMA devices, with ucx_perftest, and with iperf3 / qperf on TCP.
 //
 //   server:  zipwire_perf [options]
 //   client:  zipwire_perf [options] HOST
 //
-// The client connects (rank 1 -> rank 0), both sides register one buffer of
-// the largest message size and swap RemoteRegions and parameters over control
-// messages (PostSend / kRecvMessage):
+// The client connects (rank 1 -> rank 0), both sides register one buffer and
+// swap RemoteRegions and parameters over control messages (PostSend /
+// kRecvMessage), all integers little-endian:
 //
-//   HELLO  client -> server  "ZWPF" u8 version=1 u8 kind=1 u8 test u8 pad
-//                            u32 tx_depth u64 iters u64 warmup u32 n_sizes
-//                            n_sizes x u64 bytes, 24-byte RemoteRegion
-//   REPLY  server -> client  "ZWPF" u8 version u8 kind=2 u8 ok u8 pad,
-//                            24-byte RemoteRegion, then an error text if !ok
-//   BYE    client -> server  "ZWPF" u8 version u8 kind=3 u16 pad
+//   HELLO   client -> server  "ZWPF" u8 version=2 u8 kind=1 u8 test u8 flags
+//                             (bit 0: bidir), u32 tx_depth u64 iters u64 warmup
+//                             u32 n_sizes, n_sizes x u64 bytes, 24-byte
+//                             RemoteRegion, u32 codec_len, codec spec text
+//   REPLY   server -> client  "ZWPF" u8 version u8 kind=2 u8 ok u8 pad,
+//                             24-byte RemoteRegion, then an error text if !ok
+//   BYE     client -> server  "ZWPF" u8 version u8 kind=3 u16 pad
+//   RESULT  server -> client  "ZWPF" u8 version u8 kind=4 u16 pad, u32 rows,
+//                             rows x {f64 peak, f64 avg, f64 mpps} (--bidir)
+//   CREDIT  server -> client  "ZWPF" u8 version u8 kind=5 u16 pad, u64 decoded
+//                             (--codec write_bw: messages decoded so far)
 //
-// write_bw: for every size the client keeps up to tx_depth PostWrites
-// outstanding (perftest's tx-depth) after `warmup` untimed writes; the server
-// counts kWriteImm and checks each length. write_lat: ping-pong of writes with
-// immediates, each side writing when it has received; t = round trip / 2 as in
-// ib_write_lat. The server exits after one client run, like perftest.
+// *_bw: for every size the initiator keeps up to tx_depth operations
+// outstanding (perftest's tx-depth) after `warmup` untimed ones; the target
+// counts what arrives and checks each length. With --bidir the server runs
+// the same loop toward the client at the same time and reports its rows in
+// RESULT; the client prints the sums (perftest -b). *_lat: ping-pong, each
+// side answering when it has received; t = round trip / 2 as in ib_write_lat.
+// read_bw uses the contract's optional PostRead; send_* use PostSend (at most
+// capabilities().max_control_bytes per message).
+//
+// --codec SPEC (write_bw, write_lat): the client compresses every message
+// (kernels' codec, fp32 input of size/4 floats) into a slot of its registered
+// buffer and writes the encoded bytes; the server decodes each one from its
+// region into a float buffer. The server returns CREDITs so that a slot is
+// written again only after the server has decoded it. Reported: wire MB/s
+// (encoded bytes) beside effective MB/s (fp32 bytes they stand for).
+// The server exits after one client run, like perftest.
 #include <getopt.h>
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
 #include <chrono>
 #include <cinttypes>
@@ -31,12 +49,21 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <random>
+#include <span>
 #include <string>
 #include <vector>
 
+#ifdef ZIPWIRE_PERF_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 #include "core/config.h"
 #include "core/status.h"
+#include "kernels/codec.h"
+#include "perf/transport_choice.h"
 #include "transport/backend.h"
 
 namespace zipwire::perf {
@@ -45,6 +72,7 @@ namespace {
 using transport::Backend;
 using transport::Completion;
 using transport::CompletionType;
+using transport::MemoryKind;
 using transport::MemoryRegion;
 using transport::PeerId;
 using transport::RemoteRegion;
@@ -57,13 +85,37 @@ constexpr PeerId kClientRank = 1;
 // perftest reports MB/sec with MB = 2^20 bytes unless asked otherwise.
 constexpr double kMB = 1048576.0;
 constexpr uint64_t kMaxSizes = 64;
+constexpr uint64_t kMaxAllBytes = uint64_t{8} << 20;
+constexpr size_t kMaxCodecSpec = 256;
 
-enum class Test : uint8_t { kWriteBw = 1, kWriteLat = 2 };
+enum class Test : uint8_t { kWriteBw = 1, kWriteLat = 2, kReadBw = 3, kSendBw = 4, kSendLat = 5 };
+constexpr Test kTests[] = {Test::kWriteBw, Test::kWriteLat, Test::kReadBw, Test::kSendBw, Test::kSendLat};
 
-const char* TestName(Test t) { return t == Test::kWriteBw ? "write_bw" : "write_lat"; }
+const char* TestName(Test t) {
+  switch (t) {
+    case Test::kWriteBw:
+      return "write_bw";
+    case Test::kWriteLat:
+      return "write_lat";
+    case Test::kReadBw:
+      return "read_bw";
+    case Test::kSendBw:
+      return "send_bw";
+    case Test::kSendLat:
+      return "send_lat";
+  }
+  return "?";
+}
+bool IsBw(Test t) { return t == Test::kWriteBw || t == Test::kReadBw || t == Test::kSendBw; }
+bool IsSend(Test t) { return t == Test::kSendBw || t == Test::kSendLat; }
+bool IsKnownTest(uint8_t v) {
+  return std::any_of(std::begin(kTests), std::end(kTests),
+                     [v](Test t) { return static_cast<uint8_t>(t) == v; });
+}
 
 struct Options {
   std::string transport = "tcp";
+  std::string auto_reason;  // -t auto: why this backend
   uint16_t port = 18515;
   uint64_t size = 0;  // 0: the test's default
   bool all = false;
@@ -74,7 +126,11 @@ struct Options {
   uint64_t timeout_ms = 10000;
   std::string bind = "0.0.0.0";
   bool events = false;  // block in Poll instead of spinning (perftest -e)
-  std::string host;     // empty: server
+  bool bidir = false;
+  bool gpu = false;
+  std::string codec;                            // empty: plain bytes
+  std::string ib_device, ib_gid_index, ib_qps;  // -d / -x / -q (verbs only)
+  std::string host;                             // empty: server
 };
 
 void PrintUsage(FILE* out) {
@@ -84,15 +140,29 @@ void PrintUsage(FILE* out) {
                "  zipwire_perf [options] HOST   run the client against the server on HOST\n"
                "\n"
                "Options:\n"
-               "  -t, --transport NAME   transport backend (default tcp; the only one built now)\n"
+               "  -t, --transport NAME   tcp (default), ucx, verbs, or auto: verbs when an\n"
+               "                         ibverbs device has an ACTIVE port, else ucx when built,\n"
+               "                         else tcp (it prints which and why)\n"
+               "  -d, --ib-dev DEV       verbs: RDMA device (ZIPWIRE_IB_DEVICE)\n"
+               "  -x, --gid-index N      verbs: GID index (ZIPWIRE_IB_GID_INDEX)\n"
+               "  -q, --qp N             verbs: RC QPs per peer, writes striped (ZIPWIRE_IB_QPS)\n"
                "  -p, --port N           server port (default 18515)\n"
                "  -s, --size BYTES       message size, e.g. 65536, 64K, 1M (default 65536 for\n"
-               "                         write_bw, 2 for write_lat)\n"
-               "  -a, --all              sizes 2 B .. 8 MiB in powers of two\n"
-               "  -n, --iters N          timed iterations per size (default 5000 write_bw,\n"
-               "                         1000 write_lat)\n"
-               "      --test NAME        write_bw (default) or write_lat\n"
-               "      --tx-depth N       outstanding writes in write_bw (default 128)\n"
+               "                         *_bw, 2 for *_lat; with --codec 4096 for write_lat)\n"
+               "  -a, --all              sizes 2 B .. 8 MiB in powers of two (send_*: up to the\n"
+               "                         backend's max_control_bytes; --codec: from 4 B)\n"
+               "  -n, --iters N          timed iterations per size (default 5000 *_bw,\n"
+               "                         1000 *_lat)\n"
+               "      --test NAME        write_bw (default), write_lat, read_bw, send_bw, send_lat\n"
+               "  -b, --bidir            *_bw: both sides post at once; the client reports\n"
+               "                         the sum of both directions (perftest -b)\n"
+               "      --gpu              register CUDA device memory (write_*, read_bw; needs a\n"
+               "                         CUDA build, a device, and a backend that takes it)\n"
+               "      --codec SPEC       write_bw / write_lat: compress each message with this\n"
+               "                         codec (e.g. onebit, fp16, topk:0.01) before the write;\n"
+               "                         the target decodes it into fp32. Reports wire and\n"
+               "                         effective (uncompressed fp32) MB/s side by side\n"
+               "      --tx-depth N       outstanding operations in *_bw (default 128)\n"
                "      --timeout SEC      give up after SEC seconds without progress, and bound\n"
                "                         the client's connect retries (default 10)\n"
                "      --bind HOST        server listen address (default 0.0.0.0)\n"
@@ -103,11 +173,12 @@ void PrintUsage(FILE* out) {
                "Output follows perftest. MB/sec uses MB = 2^20 bytes (perftest's default);\n"
                "the JSON *_MBps fields use the same unit. BW average = bytes / (last\n"
                "completion - first post); BW peak = best rate over any max(8 x tx-depth,\n"
-               "iters/10) consecutive writes (post of the first to completion of the last);\n"
-               "MsgRate = writes / elapsed in 10^6 per second. write_lat reports\n"
-               "t = round trip / 2 in usec; t_typical is the median.\n"
+               "iters/10) consecutive operations (post of the first to completion of the\n"
+               "last); MsgRate = operations / elapsed in 10^6 per second. *_lat report\n"
+               "t = round trip / 2 in usec; t_typical is the median. With --codec, BW is\n"
+               "wire bytes; \"wire_MBps\" and \"effective_MBps\" join the JSON rows.\n"
                "Exit status: 0 success, 1 run failure (no server, peer lost, timeout),\n"
-               "2 usage error.\n");
+               "2 usage error (bad flags, or a combination the backend cannot run).\n");
 }
 
 int UsageError(const std::string& why) {
@@ -129,13 +200,19 @@ bool ParseUint(const char* text, uint64_t max, uint64_t* out) {
 
 // Returns -1 to go on, or the exit status.
 int ParseArgs(int argc, char** argv, Options* opt) {
-  enum { kTest = 1000, kJson, kTxDepth, kTimeout, kBind };
+  enum { kTest = 1000, kJson, kTxDepth, kTimeout, kBind, kGpu, kCodec };
   static const option kLong[] = {{"transport", required_argument, nullptr, 't'},
+                                 {"ib-dev", required_argument, nullptr, 'd'},
+                                 {"gid-index", required_argument, nullptr, 'x'},
+                                 {"qp", required_argument, nullptr, 'q'},
                                  {"port", required_argument, nullptr, 'p'},
                                  {"size", required_argument, nullptr, 's'},
                                  {"all", no_argument, nullptr, 'a'},
                                  {"iters", required_argument, nullptr, 'n'},
                                  {"test", required_argument, nullptr, kTest},
+                                 {"bidir", no_argument, nullptr, 'b'},
+                                 {"gpu", no_argument, nullptr, kGpu},
+                                 {"codec", required_argument, nullptr, kCodec},
                                  {"json", required_argument, nullptr, kJson},
                                  {"tx-depth", required_argument, nullptr, kTxDepth},
                                  {"timeout", required_argument, nullptr, kTimeout},
@@ -147,12 +224,29 @@ int ParseArgs(int argc, char** argv, Options* opt) {
   bool size_given = false;
   while (true) {
     int idx = 0;
-    int c = getopt_long(argc, argv, ":t:p:s:an:eh", kLong, &idx);
+    int c = getopt_long(argc, argv, ":t:d:x:q:p:s:an:beh", kLong, &idx);
     if (c == -1) break;
     uint64_t v = 0;
     switch (c) {
       case 't':
         opt->transport = optarg;
+        if (opt->transport != "tcp" && opt->transport != "ucx" && opt->transport != "verbs" &&
+            opt->transport != "auto") {
+          return UsageError("unknown --transport '" + opt->transport + "' (tcp, ucx, verbs or auto)");
+        }
+        break;
+      case 'd':
+        if (*optarg == '\0') return UsageError("empty --ib-dev");
+        opt->ib_device = optarg;
+        break;
+      case 'x':
+        if (!ParseUint(optarg, 255, &v)) return UsageError("bad --gid-index '" + std::string(optarg) + "'");
+        opt->ib_gid_index = std::to_string(v);
+        break;
+      case 'q':
+        if (!ParseUint(optarg, 1024, &v) || v == 0)
+          return UsageError("bad --qp '" + std::string(optarg) + "'");
+        opt->ib_qps = std::to_string(v);
         break;
       case 'p':
         if (!ParseUint(optarg, 65535, &v) || v == 0)
@@ -175,15 +269,35 @@ int ParseArgs(int argc, char** argv, Options* opt) {
         }
         opt->iters = v;
         break;
-      case kTest:
-        if (std::strcmp(optarg, "write_bw") == 0) {
-          opt->test = Test::kWriteBw;
-        } else if (std::strcmp(optarg, "write_lat") == 0) {
-          opt->test = Test::kWriteLat;
-        } else {
-          return UsageError("unknown --test '" + std::string(optarg) + "' (write_bw or write_lat)");
+      case kTest: {
+        bool found = false;
+        for (Test t : kTests) {
+          if (std::strcmp(optarg, TestName(t)) == 0) {
+            opt->test = t;
+            found = true;
+          }
+        }
+        if (!found) {
+          return UsageError("unknown --test '" + std::string(optarg) +
+                            "' (write_bw, write_lat, read_bw, send_bw or send_lat)");
         }
         break;
+      }
+      case 'b':
+        opt->bidir = true;
+        break;
+      case kGpu:
+        opt->gpu = true;
+        break;
+      case kCodec: {
+        auto codec = kernels::CreateCodec(std::string(optarg));
+        if (!codec.ok()) {
+          return UsageError("bad --codec '" + std::string(optarg) + "': " + codec.status().message());
+        }
+        if (std::strlen(optarg) > kMaxCodecSpec) return UsageError("--codec spec longer than 256 characters");
+        opt->codec = optarg;
+        break;
+      }
       case kJson:
         opt->json = optarg;
         break;
@@ -215,8 +329,31 @@ int ParseArgs(int argc, char** argv, Options* opt) {
   if (optind < argc) opt->host = argv[optind++];
   if (optind < argc) return UsageError(std::string("unexpected argument '") + argv[optind] + "'");
   if (opt->all && size_given) return UsageError("--all and --size exclude each other");
-  if (opt->size == 0) opt->size = opt->test == Test::kWriteBw ? 65536 : 2;
-  if (opt->iters == 0) opt->iters = opt->test == Test::kWriteBw ? 5000 : 1000;
+  if (opt->bidir && !IsBw(opt->test)) {
+    return UsageError(std::string("--bidir applies to the *_bw tests, not ") + TestName(opt->test));
+  }
+  if (!opt->codec.empty()) {
+    if (opt->test != Test::kWriteBw && opt->test != Test::kWriteLat) {
+      return UsageError(std::string("--codec applies to write_bw and write_lat, not ") + TestName(opt->test));
+    }
+    if (opt->bidir) return UsageError("--codec and --bidir cannot be combined (the server only decodes)");
+    if (opt->gpu) return UsageError("--codec compresses on the host; it cannot be combined with --gpu");
+    if (size_given && (opt->size % 4 != 0)) {
+      return UsageError("--codec: --size " + std::to_string(opt->size) +
+                        " is not a whole number of fp32 values");
+    }
+  }
+  if (opt->gpu && IsSend(opt->test)) {
+    return UsageError(std::string("--gpu: ") + TestName(opt->test) +
+                      " copies host messages (PostSend); use write_* or read_bw");
+  }
+#ifndef ZIPWIRE_PERF_HAVE_CUDA
+  if (opt->gpu) return UsageError("--gpu: this zipwire_perf was built without CUDA (CUDAToolkit not found)");
+#endif
+  if (opt->size == 0) {
+    opt->size = IsBw(opt->test) ? 65536 : (opt->codec.empty() ? 2 : 4096);
+  }
+  if (opt->iters == 0) opt->iters = IsBw(opt->test) ? 5000 : 1000;
   return -1;
 }
 
@@ -224,16 +361,30 @@ int ParseArgs(int argc, char** argv, Options* opt) {
 // Control messages
 
 constexpr uint8_t kMagic[4] = {'Z', 'W', 'P', 'F'};
-constexpr uint8_t kVersion = 1;
-enum MsgKind : uint8_t { kHello = 1, kReply = 2, kBye = 3 };
+constexpr uint8_t kVersion = 2;
+enum MsgKind : uint8_t { kHello = 1, kReply = 2, kBye = 3, kResult = 4, kCredit = 5 };
+constexpr uint8_t kFlagBidir = 1;
 
 struct Hello {
   Test test = Test::kWriteBw;
+  bool bidir = false;
   uint32_t tx_depth = 0;
   uint64_t iters = 0;
   uint64_t warmup = 0;
   std::vector<uint64_t> sizes;
   RemoteRegion region;
+  std::string codec;
+};
+
+struct BwRow {
+  uint64_t bytes = 0, iters = 0;
+  double peak = 0, avg = 0, mpps = 0;
+  double wire_bytes = 0;  // --codec: mean encoded bytes per message
+};
+struct LatRow {
+  uint64_t bytes = 0, iters = 0;
+  double t_min = 0, t_max = 0, t_typical = 0, t_avg = 0, t999 = 0;
+  double wire_bytes = 0;
 };
 
 void Put(std::vector<uint8_t>* out, uint64_t v, int bytes) {
@@ -246,12 +397,12 @@ uint64_t Get(const uint8_t* p, int bytes) {
   return v;
 }
 
-std::vector<uint8_t> Header(MsgKind kind, uint8_t arg) {
+std::vector<uint8_t> Header(MsgKind kind, uint8_t arg, uint8_t arg2 = 0) {
   std::vector<uint8_t> out(kMagic, kMagic + 4);
   out.push_back(kVersion);
   out.push_back(kind);
   out.push_back(arg);
-  out.push_back(0);
+  out.push_back(arg2);
   return out;
 }
 
@@ -261,52 +412,89 @@ void PutRegion(std::vector<uint8_t>* out, const RemoteRegion& r) {
   out->insert(out->end(), buf, buf + sizeof(buf));
 }
 
+bool IsControl(const std::vector<uint8_t>& m) {
+  return m.size() >= 8 && std::memcmp(m.data(), kMagic, 4) == 0;
+}
+
 Status CheckHeader(const std::vector<uint8_t>& m, MsgKind kind) {
-  if (m.size() < 8 || std::memcmp(m.data(), kMagic, 4) != 0) {
-    return Corrupt("not a zipwire_perf control message (is the peer zipwire_perf?)");
+  if (!IsControl(m)) return Corrupt("not a zipwire_perf control message (is the peer zipwire_perf?)");
+  if (m[4] != kVersion) {
+    return Corrupt("peer speaks zipwire_perf protocol version " + std::to_string(m[4]) + ", this is " +
+                   std::to_string(kVersion) + " (same build on both sides?)");
   }
-  if (m[4] != kVersion) return Corrupt("peer speaks zipwire_perf protocol version " + std::to_string(m[4]));
   if (m[5] != kind) return Corrupt("unexpected control message kind " + std::to_string(m[5]));
   return Status::Ok();
 }
 
 std::vector<uint8_t> EncodeHello(const Hello& h) {
-  std::vector<uint8_t> out = Header(kHello, static_cast<uint8_t>(h.test));
+  std::vector<uint8_t> out = Header(kHello, static_cast<uint8_t>(h.test), h.bidir ? kFlagBidir : 0);
   Put(&out, h.tx_depth, 4);
   Put(&out, h.iters, 8);
   Put(&out, h.warmup, 8);
   Put(&out, h.sizes.size(), 4);
   for (uint64_t s : h.sizes) Put(&out, s, 8);
   PutRegion(&out, h.region);
+  Put(&out, h.codec.size(), 4);
+  out.insert(out.end(), h.codec.begin(), h.codec.end());
   return out;
 }
 
-Result<Hello> DecodeHello(const std::vector<uint8_t>& m, uint64_t max_write) {
+Result<Hello> DecodeHello(const std::vector<uint8_t>& m) {
   ZW_RETURN_IF_ERROR(CheckHeader(m, kHello));
   Hello h;
-  if (m[6] != static_cast<uint8_t>(Test::kWriteBw) && m[6] != static_cast<uint8_t>(Test::kWriteLat)) {
-    return Corrupt("unknown test " + std::to_string(m[6]));
-  }
+  if (!IsKnownTest(m[6])) return Corrupt("unknown test " + std::to_string(m[6]));
   h.test = static_cast<Test>(m[6]);
+  if (m[7] & ~kFlagBidir) return Corrupt("unknown HELLO flags");
+  h.bidir = (m[7] & kFlagBidir) != 0;
   if (m.size() < 8 + 24) return Corrupt("short HELLO");
   h.tx_depth = static_cast<uint32_t>(Get(&m[8], 4));
   h.iters = Get(&m[12], 8);
   h.warmup = Get(&m[20], 8);
   uint64_t n = Get(&m[28], 4);
   if (n == 0 || n > kMaxSizes) return Corrupt("HELLO lists " + std::to_string(n) + " sizes");
-  if (m.size() != 32 + n * 8 + transport::kRemoteRegionWireBytes)
-    return Corrupt("HELLO has the wrong length");
+  const size_t fixed = 32 + n * 8 + transport::kRemoteRegionWireBytes;
+  if (m.size() < fixed + 4) return Corrupt("HELLO has the wrong length");
   for (uint64_t i = 0; i < n; ++i) {
     uint64_t s = Get(&m[32 + i * 8], 8);
-    if (s == 0 || s > max_write)
-      return Corrupt("size " + std::to_string(s) + " is not 1.." + std::to_string(max_write));
+    if (s == 0) return Corrupt("HELLO lists a size of 0");
     h.sizes.push_back(s);
   }
-  if (h.iters == 0 || h.iters > (uint64_t{1} << 40) || h.warmup > h.iters || h.tx_depth == 0) {
+  if (h.iters == 0 || h.iters > (uint64_t{1} << 40) || h.warmup > h.iters || h.tx_depth == 0 ||
+      h.tx_depth > (1u << 16)) {
     return Corrupt("bad iteration parameters in HELLO");
   }
   h.region = transport::DecodeRemoteRegion(&m[32 + n * 8]);
+  uint64_t codec_len = Get(&m[fixed], 4);
+  if (codec_len > kMaxCodecSpec || m.size() != fixed + 4 + codec_len)
+    return Corrupt("HELLO has the wrong length");
+  h.codec.assign(m.begin() + static_cast<ptrdiff_t>(fixed + 4), m.end());
   return h;
+}
+
+std::vector<uint8_t> EncodeResult(const std::vector<BwRow>& rows) {
+  std::vector<uint8_t> out = Header(kResult, 0);
+  Put(&out, rows.size(), 4);
+  for (const BwRow& r : rows) {
+    Put(&out, std::bit_cast<uint64_t>(r.peak), 8);
+    Put(&out, std::bit_cast<uint64_t>(r.avg), 8);
+    Put(&out, std::bit_cast<uint64_t>(r.mpps), 8);
+  }
+  return out;
+}
+
+Result<std::vector<BwRow>> DecodeResult(const std::vector<uint8_t>& m, size_t want_rows) {
+  ZW_RETURN_IF_ERROR(CheckHeader(m, kResult));
+  if (m.size() < 12 || Get(&m[8], 4) != want_rows || m.size() != 12 + want_rows * 24) {
+    return Corrupt("RESULT has the wrong shape");
+  }
+  std::vector<BwRow> rows(want_rows);
+  for (size_t i = 0; i < want_rows; ++i) {
+    const uint8_t* p = &m[12 + i * 24];
+    rows[i].peak = std::bit_cast<double>(Get(p, 8));
+    rows[i].avg = std::bit_cast<double>(Get(p + 8, 8));
+    rows[i].mpps = std::bit_cast<double>(Get(p + 16, 8));
+  }
+  return rows;
 }
 
 // ---------------------------------------------------------------------------
@@ -322,17 +510,25 @@ class Pump {
   // happened for idle_timeout.
   template <typename F>
   Status Once(F&& on, std::chrono::milliseconds slice = std::chrono::milliseconds(100)) {
-    size_t n = backend_->Poll(buf_, slice);
-    auto now = Clock::now();
-    if (n == 0) {
-      if (now - last_progress_ > idle_timeout_) {
-        return Timeout("no progress for " + std::to_string(idle_timeout_.count() / 1000) + " s");
+    std::span<Completion> batch;
+    std::vector<Completion> again;
+    if (!deferred_.empty()) {
+      // Completions a waiter did not want go first, in their order.
+      again.swap(deferred_);
+      batch = again;
+    } else {
+      size_t n = backend_->Poll(buf_, slice);
+      auto now = Clock::now();
+      if (n == 0) {
+        if (now - last_progress_ > idle_timeout_) {
+          return Timeout("no progress for " + std::to_string(idle_timeout_.count() / 1000) + " s");
+        }
+        return Status::Ok();
       }
-      return Status::Ok();
+      last_progress_ = now;
+      batch = std::span<Completion>(buf_, n);
     }
-    last_progress_ = now;
-    for (size_t i = 0; i < n; ++i) {
-      Completion& c = buf_[i];
+    for (Completion& c : batch) {
       if (c.type == CompletionType::kPeerError) return c.status.WithContext("peer " + std::to_string(c.peer));
       if (!c.status.ok()) {
         return c.status.WithContext(std::string(transport::CompletionTypeName(c.type)) + " failed");
@@ -343,20 +539,34 @@ class Pump {
   }
 
   void Touch() { last_progress_ = Clock::now(); }
+  // Hands `c` to the next Once (a waiter got what it wanted mid-batch).
+  void Defer(Completion&& c) { deferred_.push_back(std::move(c)); }
 
  private:
+  std::vector<Completion> deferred_;
   Backend* backend_;
   std::chrono::milliseconds idle_timeout_;
   Clock::time_point last_progress_;
   Completion buf_[64];
 };
 
-// Waits for a control message from `peer`, letting `other` see the rest.
-Result<std::vector<uint8_t>> WaitMessage(Pump& pump, PeerId peer) {
+using Handler = std::function<Status(Completion&)>;
+
+// Waits for a control message from `peer`; everything else goes to `other`.
+Result<std::vector<uint8_t>> WaitMessage(Pump& pump, PeerId peer, const Handler& other = nullptr) {
   std::vector<uint8_t> got;
   bool done = false;
   while (!done) {
-    ZW_RETURN_IF_ERROR(pump.Once([&](Completion& c) {
+    ZW_RETURN_IF_ERROR(pump.Once([&](Completion& c) -> Status {
+      if (done) {
+        pump.Defer(std::move(c));
+        return Status::Ok();
+      }
+      if (other) {
+        // `other` sees the data traffic; a message it does not take is ours.
+        if (!(c.type == CompletionType::kRecvMessage && c.peer == peer && IsControl(c.message)))
+          return other(c);
+      }
       if (c.type == CompletionType::kRecvMessage && c.peer == peer && !done) {
         got = std::move(c.message);
         done = true;
@@ -367,28 +577,117 @@ Result<std::vector<uint8_t>> WaitMessage(Pump& pump, PeerId peer) {
   return got;
 }
 
-// A page-aligned registered buffer.
+// ---------------------------------------------------------------------------
+// Buffers: page-aligned host memory, or CUDA device memory with --gpu.
+
 struct Buffer {
-  std::unique_ptr<uint8_t, void (*)(void*)> mem{nullptr, std::free};
+  uint8_t* ptr = nullptr;
+  uint64_t bytes = 0;
+  MemoryKind kind = MemoryKind::kHost;
   MemoryRegion region;
+  Backend* backend = nullptr;
+
+  Buffer() = default;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  Buffer(Buffer&& o) noexcept { *this = std::move(o); }
+  Buffer& operator=(Buffer&& o) noexcept {
+    std::swap(ptr, o.ptr);
+    std::swap(bytes, o.bytes);
+    std::swap(kind, o.kind);
+    std::swap(region, o.region);
+    std::swap(backend, o.backend);
+    return *this;
+  }
+  ~Buffer() {
+    if (ptr == nullptr) return;
+    if (backend != nullptr && region.key != 0) static_cast<void>(backend->DeregisterMemory(region));
+#ifdef ZIPWIRE_PERF_HAVE_CUDA
+    if (kind == MemoryKind::kCuda) {
+      cudaFree(ptr);
+      return;
+    }
+#endif
+    std::free(ptr);
+  }
 };
 
-Result<Buffer> MakeBuffer(Backend& backend, uint64_t bytes) {
+Result<Buffer> MakeBuffer(Backend& backend, uint64_t bytes, bool gpu) {
   Buffer b;
-  uint64_t rounded = (bytes + 4095) / 4096 * 4096;
-  b.mem.reset(static_cast<uint8_t*>(std::aligned_alloc(4096, rounded)));
-  if (!b.mem)
-    return Status(StatusCode::kResourceExhausted, "cannot allocate " + std::to_string(bytes) + " bytes");
-  // Touch every page so that first-touch faults are not measured.
-  for (uint64_t i = 0; i < rounded; ++i) b.mem.get()[i] = static_cast<uint8_t>(i * 131);
-  ZW_ASSIGN_OR_RETURN(b.region, backend.RegisterMemory(b.mem.get(), rounded, transport::MemoryKind::kHost));
+  b.bytes = (bytes + 4095) / 4096 * 4096;
+  if (gpu) {
+#ifdef ZIPWIRE_PERF_HAVE_CUDA
+    int devices = 0;
+    cudaError_t err = cudaGetDeviceCount(&devices);
+    if (err != cudaSuccess || devices == 0) {
+      return FailedPrecondition(
+          std::string("--gpu: no CUDA device (") +
+          (err != cudaSuccess ? cudaGetErrorString(err) : "cudaGetDeviceCount found 0") + ")");
+    }
+    void* p = nullptr;
+    err = cudaMalloc(&p, b.bytes);
+    if (err != cudaSuccess) {
+      return Status(StatusCode::kResourceExhausted, "--gpu: cudaMalloc of " + std::to_string(b.bytes) +
+                                                        " bytes failed: " + cudaGetErrorString(err));
+    }
+    b.ptr = static_cast<uint8_t*>(p);
+    b.kind = MemoryKind::kCuda;
+    cudaMemset(p, 0x5a, b.bytes);
+    cudaDeviceSynchronize();
+#else
+    return NotSupported("--gpu: built without CUDA");
+#endif
+  } else {
+    b.ptr = static_cast<uint8_t*>(std::aligned_alloc(4096, b.bytes));
+    if (b.ptr == nullptr) {
+      return Status(StatusCode::kResourceExhausted, "cannot allocate " + std::to_string(bytes) + " bytes");
+    }
+    // Touch every page so that first-touch faults are not measured; the
+    // pattern's first byte is 0, so data never looks like a control message.
+    for (uint64_t i = 0; i < b.bytes; ++i) b.ptr[i] = static_cast<uint8_t>(i * 131);
+  }
+  auto region = backend.RegisterMemory(b.ptr, b.bytes, b.kind);
+  if (!region.ok()) {
+    return region.status().WithContext(std::string("registering ") + transport::MemoryKindName(b.kind) +
+                                       " memory with the " + backend.capabilities().name + " backend");
+  }
+  b.region = *region;
+  b.backend = &backend;
   return b;
 }
 
-std::vector<uint64_t> Sizes(const Options& opt) {
+// Checks what the local backend must offer for `test`: the same on both sides.
+Status CheckBackendFor(const Backend& backend, Test test, const std::vector<uint64_t>& sizes, bool gpu) {
+  const transport::Capabilities& caps = backend.capabilities();
+  const uint64_t max_size = *std::max_element(sizes.begin(), sizes.end());
+  if (test == Test::kReadBw && !caps.supports_read) {
+    return NotSupported("--test read_bw is not supported by " + caps.name +
+                        " (it does not offer PostRead: capabilities().supports_read is false)");
+  }
+  if (IsSend(test) && max_size > caps.max_control_bytes) {
+    return InvalidArgument(std::string("--test ") + TestName(test) + ": size " + std::to_string(max_size) +
+                           " exceeds the " + caps.name + " backend's largest PostSend (max_control_bytes " +
+                           std::to_string(caps.max_control_bytes) + ")");
+  }
+  if (!IsSend(test) && max_size > caps.max_write_bytes) {
+    return InvalidArgument("size " + std::to_string(max_size) + " exceeds the " + caps.name +
+                           " backend's largest write (max_write_bytes " +
+                           std::to_string(caps.max_write_bytes) + ")");
+  }
+  if (gpu && !caps.SupportsMemory(MemoryKind::kCuda)) {
+    return NotSupported("--gpu: the " + caps.name +
+                        " backend does not accept CUDA memory (MemoryKind::kCuda)");
+  }
+  return Status::Ok();
+}
+
+std::vector<uint64_t> Sizes(const Options& opt, const Backend& backend) {
   std::vector<uint64_t> out;
   if (opt.all) {
-    for (uint64_t s = 2; s <= (uint64_t{8} << 20); s *= 2) out.push_back(s);
+    const uint64_t top = IsSend(opt.test)
+                             ? std::min<uint64_t>(kMaxAllBytes, backend.capabilities().max_control_bytes)
+                             : kMaxAllBytes;
+    for (uint64_t s = opt.codec.empty() ? 2 : 4; s <= top; s *= 2) out.push_back(s);
   } else {
     out.push_back(opt.size);
   }
@@ -398,11 +697,316 @@ std::vector<uint64_t> Sizes(const Options& opt) {
 // Untimed iterations before each size: lets TCP open its window and the
 // caches warm, as perftest's warm-up does.
 uint64_t Warmup(Test test, uint64_t iters, uint32_t tx_depth) {
-  return test == Test::kWriteBw ? std::min<uint64_t>(iters, tx_depth) : std::min<uint64_t>(iters / 10, 100);
+  return IsBw(test) ? std::min<uint64_t>(iters, tx_depth) : std::min<uint64_t>(iters / 10, 100);
 }
 
 const char* kRule =
     "---------------------------------------------------------------------------------------\n";
+
+// ---------------------------------------------------------------------------
+// Codec plumbing (--codec): slots of the registered buffer, one message each.
+
+struct CodecPlan {
+  std::unique_ptr<kernels::Codec> codec;
+  uint64_t slot_bytes = 0;  // MaxCompressedBytes of the largest size, 64-byte aligned
+  uint32_t slots = 1;
+  uint64_t credit_every = 1;  // the server returns a CREDIT after this many decodes
+};
+
+Result<CodecPlan> MakeCodecPlan(const std::string& spec, const std::vector<uint64_t>& sizes, Test test,
+                                uint32_t tx_depth) {
+  CodecPlan plan;
+  ZW_ASSIGN_OR_RETURN(plan.codec, kernels::CreateCodec(spec));
+  for (uint64_t s : sizes) {
+    if (s % 4 != 0)
+      return InvalidArgument("--codec: size " + std::to_string(s) + " is not a whole number of fp32 values");
+    plan.slot_bytes = std::max<uint64_t>(plan.slot_bytes, plan.codec->MaxCompressedBytes(s / 4));
+  }
+  plan.slot_bytes = (plan.slot_bytes + 63) / 64 * 64;
+  plan.slots = test == Test::kWriteBw ? tx_depth : 1;
+  // At most a quarter of the window between credits keeps the pipe full, and
+  // never more than the window, so the client always gets the credit it needs.
+  plan.credit_every = std::max<uint64_t>(1, plan.slots / 4);
+  return plan;
+}
+
+// Contexts of control sends and echoes, apart from the measured operations'.
+constexpr uint64_t kControlCtx = uint64_t{1} << 63;
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// The client's --codec state across sizes: where the next message goes and
+// how far the server has decoded.
+struct CodecRun {
+  const CodecPlan* plan = nullptr;
+  std::vector<float> src;  // this size's fp32 message
+  uint64_t next = 0;       // messages posted so far (all sizes)
+  uint64_t credited = 0;   // messages the server has decoded (CREDIT)
+};
+
+// Handles the server's CREDIT messages for the client.
+Status TakeCredit(CodecRun* run, Completion& c) {
+  if (c.type != CompletionType::kRecvMessage || !IsControl(c.message)) return Status::Ok();
+  ZW_RETURN_IF_ERROR(CheckHeader(c.message, kCredit));
+  if (c.message.size() != 16) return Corrupt("CREDIT has the wrong length");
+  uint64_t v = Get(&c.message[8], 8);
+  if (v < run->credited || v > run->next) return Corrupt("CREDIT for messages never sent");
+  run->credited = v;
+  return Status::Ok();
+}
+
+// Compresses the current message into slot `index % slots`; returns its bytes.
+Result<uint64_t> EncodeInto(CodecRun* run, const Buffer& buf, uint64_t index) {
+  const CodecPlan& plan = *run->plan;
+  const uint64_t off = (index % plan.slots) * plan.slot_bytes;
+  kernels::CodecContext ctx;
+  ctx.seed = 42;
+  ctx.step = index;
+  ZW_ASSIGN_OR_RETURN(
+      size_t n, plan.codec->Compress(run->src, std::span<uint8_t>(buf.ptr + off, plan.slot_bytes), ctx));
+  return n;
+}
+
+// perftest's bandwidth loop: up to tx_depth operations outstanding toward
+// `peer`; completions of other kinds (the peer's traffic in --bidir, CREDITs)
+// go to `other`.
+Result<BwRow> RunBw(Backend& backend, Pump& pump, PeerId peer, Test test, const Buffer& buf,
+                    const RemoteRegion& remote, uint64_t size, uint64_t iters, uint64_t warmup,
+                    uint32_t tx_depth, std::chrono::milliseconds slice, const Handler& other,
+                    CodecRun* codec) {
+  const uint64_t total = warmup + iters;
+  const CompletionType done_type = test == Test::kWriteBw  ? CompletionType::kWriteDone
+                                   : test == Test::kReadBw ? CompletionType::kReadDone
+                                                           : CompletionType::kSendDone;
+  std::vector<Clock::time_point> posted(total), completed(total);
+  uint64_t n_posted = 0, n_done = 0;
+  double wire_timed = 0;
+  pump.Touch();
+  auto post = [&](uint64_t i) -> Status {
+    switch (test) {
+      case Test::kWriteBw:
+        if (codec != nullptr) {
+          const uint64_t index = codec->next;
+          ZW_ASSIGN_OR_RETURN(uint64_t wire, EncodeInto(codec, buf, index));
+          const uint64_t off = (index % codec->plan->slots) * codec->plan->slot_bytes;
+          ZW_RETURN_IF_ERROR(
+              backend.PostWrite(peer, buf.region, off, remote, off, wire, static_cast<uint32_t>(i), i));
+          ++codec->next;
+          if (i >= warmup) wire_timed += static_cast<double>(wire);
+          return Status::Ok();
+        }
+        return backend.PostWrite(peer, buf.region, 0, remote, 0, size, static_cast<uint32_t>(i), i);
+      case Test::kReadBw:
+        return backend.PostRead(peer, buf.region, 0, remote, 0, size, i);
+      default:
+        return backend.PostSend(peer, std::span<const uint8_t>(buf.ptr, size), i);
+    }
+  };
+  // A codec slot is written again only once the server has decoded it.
+  auto may_post = [&] { return codec == nullptr || codec->next < codec->credited + codec->plan->slots; };
+  // Posts [n_posted, end) keeping at most tx_depth outstanding, until all of
+  // them completed (completions arrive in posting order).
+  auto run = [&](uint64_t end) -> Status {
+    while (n_done < end) {
+      while (n_posted < end && n_posted - n_done < tx_depth && may_post()) {
+        posted[n_posted] = Clock::now();
+        ZW_RETURN_IF_ERROR(post(n_posted));
+        ++n_posted;
+      }
+      ZW_RETURN_IF_ERROR(pump.Once(
+          [&](Completion& c) -> Status {
+            if (c.type != done_type || c.peer != peer || (c.context & kControlCtx) != 0) {
+              return other ? other(c) : Status::Ok();
+            }
+            if (c.context >= total)
+              return Internal("completion for unknown operation " + std::to_string(c.context));
+            completed[c.context] = Clock::now();
+            ++n_done;
+            return Status::Ok();
+          },
+          slice));
+    }
+    return Status::Ok();
+  };
+  ZW_RETURN_IF_ERROR(run(warmup));  // untimed, drained before the timed part
+  ZW_RETURN_IF_ERROR(run(total));
+  BwRow row;
+  row.bytes = size;
+  row.iters = iters;
+  const double msg_bytes =
+      codec != nullptr ? wire_timed / static_cast<double>(iters) : static_cast<double>(size);
+  row.wire_bytes = msg_bytes;
+  const double elapsed = Seconds(completed[total - 1] - posted[warmup]);
+  row.avg = msg_bytes * static_cast<double>(iters) / elapsed / kMB;
+  row.mpps = static_cast<double>(iters) / elapsed / 1e6;
+  // Peak as perftest defines it, (completed[j] - posted[i]) / (j - i + 1)
+  // minimised, but over windows of a fixed m operations so that it stays
+  // O(n) and one batch of completions cannot fake a burst: m is large
+  // against tx_depth, so the window's one queueing delay costs at most ~1/8.
+  const uint64_t m = std::min<uint64_t>(iters, std::max<uint64_t>(uint64_t{8} * tx_depth, iters / 10));
+  double best = 0;
+  for (uint64_t j = warmup + m - 1; j < total; ++j) {
+    double dt = Seconds(completed[j] - posted[j + 1 - m]);
+    if (dt > 0) best = std::max(best, msg_bytes * static_cast<double>(m) / dt / kMB);
+  }
+  row.peak = std::max(best, row.avg);
+  return row;
+}
+
+// Ping-pong: write (or send) and wait for the peer's answer of the same size.
+Result<LatRow> RunLat(Backend& backend, Pump& pump, Test test, const Buffer& buf, const RemoteRegion& remote,
+                      uint64_t size, uint64_t iters, uint64_t warmup, std::chrono::milliseconds slice,
+                      CodecRun* codec, std::vector<float>* decoded) {
+  std::vector<double> samples;
+  samples.reserve(iters);
+  double wire_sum = 0;
+  pump.Touch();
+  for (uint64_t i = 0; i < warmup + iters; ++i) {
+    auto t0 = Clock::now();
+    uint64_t wire = size;
+    if (test == Test::kSendLat) {
+      ZW_RETURN_IF_ERROR(
+          backend.PostSend(kServerRank, std::span<const uint8_t>(buf.ptr, size), kControlCtx | i));
+    } else {
+      if (codec != nullptr) {
+        ZW_ASSIGN_OR_RETURN(wire, EncodeInto(codec, buf, i));
+      }
+      ZW_RETURN_IF_ERROR(backend.PostWrite(kServerRank, buf.region, 0, remote, 0, wire,
+                                           static_cast<uint32_t>(i), kControlCtx | i));
+    }
+    bool echoed = false;
+    while (!echoed) {
+      ZW_RETURN_IF_ERROR(pump.Once(
+          [&](Completion& c) -> Status {
+            if (test == Test::kSendLat) {
+              if (c.type != CompletionType::kRecvMessage) return Status::Ok();
+              if (c.message.size() != size) {
+                return Corrupt("echo of " + std::to_string(c.message.size()) + " bytes, expected " +
+                               std::to_string(size));
+              }
+              echoed = true;
+              return Status::Ok();
+            }
+            if (c.type != CompletionType::kWriteImm) return Status::Ok();
+            if (c.imm != static_cast<uint32_t>(i) || c.length != wire) {
+              return Corrupt("echo " + std::to_string(c.imm) + " of " + std::to_string(c.length) +
+                             " bytes, expected " + std::to_string(i));
+            }
+            if (codec != nullptr) {
+              ZW_RETURN_IF_ERROR(
+                  codec->plan->codec->Decompress(std::span<const uint8_t>(buf.ptr + c.offset, c.length),
+                                                 std::span<float>(decoded->data(), size / 4)));
+            }
+            echoed = true;
+            return Status::Ok();
+          },
+          slice));
+    }
+    auto t1 = Clock::now();
+    if (i >= warmup) {
+      samples.push_back(Seconds(t1 - t0) * 1e6 / 2);
+      wire_sum += static_cast<double>(wire);
+    }
+  }
+  std::vector<double> sorted = samples;
+  std::sort(sorted.begin(), sorted.end());
+  LatRow row;
+  row.bytes = size;
+  row.iters = iters;
+  row.wire_bytes = wire_sum / static_cast<double>(iters);
+  row.t_min = sorted.front();
+  row.t_max = sorted.back();
+  row.t_typical = sorted[sorted.size() / 2];
+  double sum = 0;
+  for (double s : sorted) sum += s;
+  row.t_avg = sum / static_cast<double>(sorted.size());
+  size_t idx = static_cast<size_t>(std::ceil(0.999 * static_cast<double>(sorted.size()))) - 1;
+  row.t999 = sorted[std::min(idx, sorted.size() - 1)];
+  return row;
+}
+
+// The target side of a run: counts and checks what arrives (writes with
+// immediates, or data messages), decodes with --codec, answers ping-pongs.
+class Receiver {
+ public:
+  Receiver(Backend& backend, PeerId peer, Test test, const std::vector<uint64_t>& sizes, uint64_t per_size,
+           const Buffer& buf, const RemoteRegion& peer_region, const CodecPlan* plan)
+      : backend_(backend),
+        peer_(peer),
+        test_(test),
+        sizes_(sizes),
+        per_size_(per_size),
+        buf_(buf),
+        peer_region_(peer_region),
+        plan_(plan) {
+    if (plan_ != nullptr) decoded_.resize(*std::max_element(sizes.begin(), sizes.end()) / 4);
+  }
+
+  uint64_t expected() const { return test_ == Test::kReadBw ? 0 : per_size_ * sizes_.size(); }
+  uint64_t received() const { return received_; }
+  uint64_t bytes() const { return bytes_; }
+
+  Status Handle(Completion& c) {
+    if (c.peer != peer_) return Status::Ok();
+    const bool send = IsSend(test_);
+    if (send ? (c.type != CompletionType::kRecvMessage || IsControl(c.message))
+             : c.type != CompletionType::kWriteImm) {
+      return Status::Ok();
+    }
+    if (test_ == Test::kReadBw) return Corrupt("unexpected traffic in read_bw");
+    if (received_ >= expected()) return Corrupt("more messages than announced");
+    const uint64_t want = sizes_[received_ / per_size_];
+    const uint64_t got = send ? c.message.size() : c.length;
+    if (plan_ != nullptr) {
+      // The encoded size depends on the codec (and, for some, the data); the
+      // decoder validates it and the element count.
+      if (c.offset > buf_.bytes || got > buf_.bytes - c.offset)
+        return Corrupt("codec message outside the buffer");
+      Status st = plan_->codec->Decompress(std::span<const uint8_t>(buf_.ptr + c.offset, got),
+                                           std::span<float>(decoded_.data(), want / 4));
+      if (!st.ok()) return st.WithContext("decoding message " + std::to_string(received_));
+    } else if (got != want) {
+      return Corrupt("message " + std::to_string(received_) + " has " + std::to_string(got) +
+                     " bytes, expected " + std::to_string(want));
+    }
+    ++received_;
+    bytes_ += got;
+    switch (test_) {
+      case Test::kWriteLat:
+        return backend_.PostWrite(peer_, buf_.region, c.offset, peer_region_, c.offset, got, c.imm,
+                                  kControlCtx | received_);
+      case Test::kSendLat:
+        return backend_.PostSend(peer_, c.message, kControlCtx | received_);
+      case Test::kWriteBw:
+        if (plan_ != nullptr && (received_ % plan_->credit_every == 0 || received_ == expected())) {
+          std::vector<uint8_t> credit = Header(kCredit, 0);
+          Put(&credit, received_, 8);
+          return backend_.PostSend(peer_, credit, kControlCtx);
+        }
+        return Status::Ok();
+      default:
+        return Status::Ok();
+    }
+  }
+
+ private:
+  Backend& backend_;
+  const PeerId peer_;
+  const Test test_;
+  const std::vector<uint64_t>& sizes_;
+  const uint64_t per_size_;
+  const Buffer& buf_;
+  const RemoteRegion peer_region_;
+  const CodecPlan* plan_;
+  std::vector<float> decoded_;
+  uint64_t received_ = 0, bytes_ = 0;
+};
+
+// Bytes each side registers: one message, or one codec slot per outstanding write.
+uint64_t BufferBytes(const std::vector<uint64_t>& sizes, const CodecPlan* plan) {
+  if (plan != nullptr) return plan->slot_bytes * plan->slots;
+  return *std::max_element(sizes.begin(), sizes.end());
+}
 
 // ---------------------------------------------------------------------------
 // Server
@@ -422,12 +1026,12 @@ int RunServer(const Options& opt, Backend& backend) {
   PeerId peer = transport::kInvalidPeer;
   // One completion at a time: the client's parameters may arrive right
   // behind kPeerConnected and must stay queued for WaitMessage below.
-  Completion buf[1];
+  Completion one[1];
   while (peer == transport::kInvalidPeer) {
-    size_t n = backend.Poll(buf, std::chrono::milliseconds(1000));
+    size_t n = backend.Poll(one, std::chrono::milliseconds(1000));
     for (size_t i = 0; i < n; ++i) {
-      if (buf[i].type == CompletionType::kPeerConnected) {
-        peer = buf[i].peer;
+      if (one[i].type == CompletionType::kPeerConnected) {
+        peer = one[i].peer;
         break;
       }
     }
@@ -435,199 +1039,140 @@ int RunServer(const Options& opt, Backend& backend) {
   Pump pump(&backend, std::chrono::milliseconds(opt.timeout_ms));
   auto hello_msg = WaitMessage(pump, peer);
   if (!hello_msg.ok()) return fail(hello_msg.status().WithContext("waiting for the client's parameters"));
-  auto hello = DecodeHello(*hello_msg, backend.capabilities().max_write_bytes);
-  if (!hello.ok()) {
+  auto refuse = [&](const Status& why) {
     std::vector<uint8_t> reply = Header(kReply, 0);
     PutRegion(&reply, RemoteRegion{});
-    std::string why = hello.status().message();
-    reply.insert(reply.end(), why.begin(), why.end());
-    static_cast<void>(backend.PostSend(peer, reply, 0));
+    std::string text = why.message();
+    reply.insert(reply.end(), text.begin(), text.end());
+    static_cast<void>(backend.PostSend(peer, reply, kControlCtx));
     // Give the refusal a moment to leave before the connection closes.
     static_cast<void>(pump.Once([](Completion&) { return Status::Ok(); }));
-    return fail(hello.status().WithContext("client parameters"));
+    return fail(why.WithContext("client parameters"));
+  };
+  auto hello = DecodeHello(*hello_msg);
+  if (!hello.ok()) return refuse(hello.status());
+  if (Status st = CheckBackendFor(backend, hello->test, hello->sizes, opt.gpu); !st.ok()) return refuse(st);
+  std::unique_ptr<CodecPlan> plan;
+  if (!hello->codec.empty()) {
+    if (hello->test != Test::kWriteBw && hello->test != Test::kWriteLat) {
+      return refuse(Corrupt("codec with a test other than write_bw / write_lat"));
+    }
+    auto made = MakeCodecPlan(hello->codec, hello->sizes, hello->test, hello->tx_depth);
+    if (!made.ok()) return refuse(made.status());
+    plan = std::make_unique<CodecPlan>(std::move(*made));
   }
-  uint64_t max_size = *std::max_element(hello->sizes.begin(), hello->sizes.end());
-  if (hello->region.length < max_size) return fail(Corrupt("client region is smaller than its largest size"));
-  auto buffer = MakeBuffer(backend, max_size);
-  if (!buffer.ok()) return fail(buffer.status());
+  const uint64_t need = BufferBytes(hello->sizes, plan.get());
+  if (hello->test != Test::kSendBw && hello->test != Test::kSendLat && hello->region.length < need &&
+      (hello->test == Test::kWriteLat || hello->bidir)) {
+    return refuse(Corrupt("client region is smaller than the largest message"));
+  }
+  auto buffer = MakeBuffer(backend, need, opt.gpu);
+  if (!buffer.ok()) return refuse(buffer.status());
   std::vector<uint8_t> reply = Header(kReply, 1);
   PutRegion(&reply, transport::ToRemote(buffer->region));
-  if (Status st = backend.PostSend(peer, reply, 0); !st.ok()) return fail(st);
-  std::printf("client rank %u: %s, %zu size(s), %" PRIu64 " iterations (+%" PRIu64 " warm-up)\n", peer,
-              TestName(hello->test), hello->sizes.size(), hello->iters, hello->warmup);
+  if (Status st = backend.PostSend(peer, reply, kControlCtx); !st.ok()) return fail(st);
+  std::printf("client rank %u: %s%s%s%s, %zu size(s), %" PRIu64 " iterations (+%" PRIu64 " warm-up)\n", peer,
+              TestName(hello->test), hello->bidir ? " bidirectional" : "", plan ? " codec " : "",
+              plan ? hello->codec.c_str() : "", hello->sizes.size(), hello->iters, hello->warmup);
   std::fflush(stdout);
 
-  // Expected writes, in order: for each size, warmup + iters of that length.
   const uint64_t per_size = hello->warmup + hello->iters;
-  const uint64_t expected = per_size * hello->sizes.size();
-  uint64_t received = 0, bytes = 0, echo_ctx = 0;
+  Receiver rx(backend, peer, hello->test, hello->sizes, per_size, *buffer, hello->region, plan.get());
+  const Handler on_rx = [&rx](Completion& c) { return rx.Handle(c); };
+  // Latency tests busy-poll like perftest so the echo is not delayed by a wakeup.
+  const auto slice = std::chrono::milliseconds(!IsBw(hello->test) && !opt.events ? 0 : 100);
+  if (hello->bidir) {
+    std::vector<BwRow> rows;
+    const auto bw_slice = std::chrono::milliseconds(opt.events ? 100 : 0);
+    for (uint64_t size : hello->sizes) {
+      auto row = RunBw(backend, pump, peer, hello->test, *buffer, hello->region, size, hello->iters,
+                       hello->warmup, hello->tx_depth, bw_slice, on_rx, nullptr);
+      if (!row.ok())
+        return fail(row.status().WithContext(std::string(TestName(hello->test)) + " toward the client"));
+      rows.push_back(*row);
+    }
+    if (Status st = backend.PostSend(peer, EncodeResult(rows), kControlCtx); !st.ok()) return fail(st);
+  }
   bool bye = false;
-  // write_lat busy-polls like perftest so the echo is not delayed by a wakeup.
-  const auto slice = std::chrono::milliseconds(hello->test == Test::kWriteLat && !opt.events ? 0 : 100);
   while (!bye) {
     Status st = pump.Once(
         [&](Completion& c) -> Status {
-          if (c.peer != peer) return Status::Ok();
-          if (c.type == CompletionType::kWriteImm) {
-            if (received >= expected) return Corrupt("more writes than announced");
-            uint64_t want = hello->sizes[received / per_size];
-            if (c.length != want) {
-              return Corrupt("write " + std::to_string(received) + " has " + std::to_string(c.length) +
-                             " bytes, expected " + std::to_string(want));
-            }
-            ++received;
-            bytes += c.length;
-            if (hello->test == Test::kWriteLat) {
-              return backend.PostWrite(peer, buffer->region, 0, hello->region, 0, c.length, c.imm,
-                                       echo_ctx++);
-            }
-          } else if (c.type == CompletionType::kRecvMessage) {
+          if (c.peer == peer && c.type == CompletionType::kRecvMessage && IsControl(c.message)) {
             ZW_RETURN_IF_ERROR(CheckHeader(c.message, kBye));
             bye = true;
+            return Status::Ok();
           }
-          return Status::Ok();
+          return rx.Handle(c);
         },
         slice);
-    if (!st.ok()) return fail(st.WithContext("after " + std::to_string(received) + " writes"));
+    if (!st.ok()) return fail(st.WithContext("after " + std::to_string(rx.received()) + " messages"));
   }
-  if (received != expected) {
-    return fail(Corrupt("client said goodbye after " + std::to_string(received) + " of " +
-                        std::to_string(expected) + " writes"));
+  if (rx.received() != rx.expected()) {
+    return fail(Corrupt("client said goodbye after " + std::to_string(rx.received()) + " of " +
+                        std::to_string(rx.expected()) + " messages"));
   }
-  std::printf("done: %" PRIu64 " writes, %" PRIu64 " bytes received\n", received, bytes);
+  if (hello->test == Test::kReadBw) {
+    std::printf("done: served the client's reads\n");
+  } else {
+    std::printf("done: %" PRIu64 " messages, %" PRIu64 " bytes received%s\n", rx.received(), rx.bytes(),
+                plan ? " and decoded" : "");
+  }
   return 0;
 }
 
 // ---------------------------------------------------------------------------
 // Client
 
-struct BwRow {
-  uint64_t bytes = 0, iters = 0;
-  double peak = 0, avg = 0, mpps = 0;
-};
-struct LatRow {
-  uint64_t bytes = 0, iters = 0;
-  double t_min = 0, t_max = 0, t_typical = 0, t_avg = 0, t999 = 0;
-};
-
-double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
-
-Result<BwRow> RunBw(Backend& backend, Pump& pump, const Buffer& buf, const RemoteRegion& remote,
-                    uint64_t size, uint64_t iters, uint64_t warmup, uint32_t tx_depth,
-                    std::chrono::milliseconds slice) {
-  const uint64_t total = warmup + iters;
-  std::vector<Clock::time_point> posted(total), completed(total);
-  uint64_t n_posted = 0, n_done = 0;
-  pump.Touch();
-  // Posts [n_posted, end) keeping at most tx_depth outstanding, until all of
-  // them completed (completions arrive in posting order).
-  auto run = [&](uint64_t end) -> Status {
-    while (n_done < end) {
-      while (n_posted < end && n_posted - n_done < tx_depth) {
-        posted[n_posted] = Clock::now();
-        ZW_RETURN_IF_ERROR(backend.PostWrite(kServerRank, buf.region, 0, remote, 0, size,
-                                             static_cast<uint32_t>(n_posted), n_posted));
-        ++n_posted;
-      }
-      ZW_RETURN_IF_ERROR(pump.Once(
-          [&](Completion& c) -> Status {
-            if (c.type != CompletionType::kWriteDone) return Status::Ok();
-            if (c.context >= total)
-              return Internal("completion for unknown write " + std::to_string(c.context));
-            completed[c.context] = Clock::now();
-            ++n_done;
-            return Status::Ok();
-          },
-          slice));
-    }
-    return Status::Ok();
-  };
-  ZW_RETURN_IF_ERROR(run(warmup));  // untimed, drained before the timed part
-  ZW_RETURN_IF_ERROR(run(total));
-  BwRow row;
-  row.bytes = size;
-  row.iters = iters;
-  const double elapsed = Seconds(completed[total - 1] - posted[warmup]);
-  row.avg = static_cast<double>(size) * static_cast<double>(iters) / elapsed / kMB;
-  row.mpps = static_cast<double>(iters) / elapsed / 1e6;
-  // Peak as perftest defines it, (completed[j] - posted[i]) / (j - i + 1)
-  // minimised, but over windows of a fixed m writes so that it stays O(n)
-  // and one batch of completions cannot fake a burst: m is large against
-  // tx_depth, so the window's one queueing delay costs at most ~1/8.
-  const uint64_t m = std::min<uint64_t>(iters, std::max<uint64_t>(uint64_t{8} * tx_depth, iters / 10));
-  double best = 0;
-  for (uint64_t j = warmup + m - 1; j < total; ++j) {
-    double dt = Seconds(completed[j] - posted[j + 1 - m]);
-    if (dt > 0) best = std::max(best, static_cast<double>(size) * static_cast<double>(m) / dt / kMB);
-  }
-  row.peak = std::max(best, row.avg);
-  return row;
-}
-
-Result<LatRow> RunLat(Backend& backend, Pump& pump, const Buffer& buf, const RemoteRegion& remote,
-                      uint64_t size, uint64_t iters, uint64_t warmup, std::chrono::milliseconds slice) {
-  std::vector<double> samples;
-  samples.reserve(iters);
-  pump.Touch();
-  for (uint64_t i = 0; i < warmup + iters; ++i) {
-    auto t0 = Clock::now();
-    ZW_RETURN_IF_ERROR(
-        backend.PostWrite(kServerRank, buf.region, 0, remote, 0, size, static_cast<uint32_t>(i), i));
-    bool echoed = false;
-    while (!echoed) {
-      ZW_RETURN_IF_ERROR(pump.Once(
-          [&](Completion& c) -> Status {
-            if (c.type != CompletionType::kWriteImm) return Status::Ok();
-            if (c.imm != static_cast<uint32_t>(i) || c.length != size) {
-              return Corrupt("echo " + std::to_string(c.imm) + " of " + std::to_string(c.length) +
-                             " bytes, expected " + std::to_string(i));
-            }
-            echoed = true;
-            return Status::Ok();
-          },
-          slice));
-    }
-    auto t1 = Clock::now();
-    if (i >= warmup) samples.push_back(Seconds(t1 - t0) * 1e6 / 2);
-  }
-  std::vector<double> sorted = samples;
-  std::sort(sorted.begin(), sorted.end());
-  LatRow row;
-  row.bytes = size;
-  row.iters = iters;
-  row.t_min = sorted.front();
-  row.t_max = sorted.back();
-  row.t_typical = sorted[sorted.size() / 2];
-  double sum = 0;
-  for (double s : sorted) sum += s;
-  row.t_avg = sum / static_cast<double>(sorted.size());
-  size_t idx = static_cast<size_t>(std::ceil(0.999 * static_cast<double>(sorted.size()))) - 1;
-  row.t999 = sorted[std::min(idx, sorted.size() - 1)];
-  return row;
-}
-
 Status WriteJson(const Options& opt, const std::vector<BwRow>& bw, const std::vector<LatRow>& lat) {
   FILE* f = std::fopen(opt.json.c_str(), "w");
   if (f == nullptr) return IoError("cannot write " + opt.json + ": " + std::strerror(errno));
-  std::fprintf(f, "{\"transport\": \"%s\", \"test\": \"%s\", \"mb_bytes\": 1048576, \"results\": [",
-               opt.transport.c_str(), TestName(opt.test));
+  std::fprintf(f, "{\"transport\": \"%s\", \"test\": \"%s\", \"mb_bytes\": 1048576", opt.transport.c_str(),
+               TestName(opt.test));
+  if (opt.bidir) std::fprintf(f, ", \"bidir\": true");
+  if (opt.gpu) std::fprintf(f, ", \"memory\": \"cuda\"");
+  if (!opt.codec.empty()) std::fprintf(f, ", \"codec\": \"%s\"", opt.codec.c_str());
+  std::fprintf(f, ", \"results\": [");
+  const bool codec = !opt.codec.empty();
   for (size_t i = 0; i < bw.size(); ++i) {
     std::fprintf(f,
                  "%s\n  {\"bytes\": %" PRIu64 ", \"iterations\": %" PRIu64
-                 ", \"bw_peak_MBps\": %.2f, \"bw_avg_MBps\": %.2f, \"msg_rate_Mpps\": %.6f}",
+                 ", \"bw_peak_MBps\": %.2f, \"bw_avg_MBps\": %.2f, \"msg_rate_Mpps\": %.6f",
                  i ? "," : "", bw[i].bytes, bw[i].iters, bw[i].peak, bw[i].avg, bw[i].mpps);
+    if (codec) {
+      std::fprintf(f, ", \"wire_bytes\": %.1f, \"wire_MBps\": %.2f, \"effective_MBps\": %.2f",
+                   bw[i].wire_bytes, bw[i].avg, bw[i].mpps * 1e6 * static_cast<double>(bw[i].bytes) / kMB);
+    }
+    std::fprintf(f, "}");
   }
   for (size_t i = 0; i < lat.size(); ++i) {
     std::fprintf(f,
                  "%s\n  {\"bytes\": %" PRIu64 ", \"iterations\": %" PRIu64
                  ", \"t_min_us\": %.3f, \"t_max_us\": %.3f, \"t_typical_us\": %.3f, \"t_avg_us\": %.3f"
-                 ", \"t999_us\": %.3f}",
+                 ", \"t999_us\": %.3f",
                  i ? "," : "", lat[i].bytes, lat[i].iters, lat[i].t_min, lat[i].t_max, lat[i].t_typical,
                  lat[i].t_avg, lat[i].t999);
+    if (codec) std::fprintf(f, ", \"wire_bytes\": %.1f", lat[i].wire_bytes);
+    std::fprintf(f, "}");
   }
   std::fprintf(f, "\n]}\n");
   if (std::fclose(f) != 0) return IoError("cannot write " + opt.json + ": " + std::strerror(errno));
   return Status::Ok();
+}
+
+const char* TestTitle(Test t) {
+  switch (t) {
+    case Test::kWriteBw:
+      return "RDMA_Write BW";
+    case Test::kWriteLat:
+      return "RDMA_Write Latency";
+    case Test::kReadBw:
+      return "RDMA_Read BW";
+    case Test::kSendBw:
+      return "Send BW";
+    case Test::kSendLat:
+      return "Send Latency";
+  }
+  return "?";
 }
 
 int RunClient(const Options& opt, Backend& backend) {
@@ -635,27 +1180,34 @@ int RunClient(const Options& opt, Backend& backend) {
     std::fprintf(stderr, "zipwire_perf client: error: %s\n", st.ToString().c_str());
     return kExitError;
   };
+  const std::vector<uint64_t> sizes = Sizes(opt, backend);
+  // What this backend cannot run is a usage error, found before connecting.
+  if (Status st = CheckBackendFor(backend, opt.test, sizes, opt.gpu); !st.ok())
+    return UsageError(st.message());
+  std::unique_ptr<CodecPlan> plan;
+  if (!opt.codec.empty()) {
+    auto made = MakeCodecPlan(opt.codec, sizes, opt.test, opt.tx_depth);
+    if (!made.ok()) return UsageError(made.status().message());
+    plan = std::make_unique<CodecPlan>(std::move(*made));
+  }
   const bool v6 = opt.host.find(':') != std::string::npos && opt.host.front() != '[';
   const std::string server = (v6 ? "[" + opt.host + "]" : opt.host) + ":" + std::to_string(opt.port);
   if (Status st = backend.Connect(kServerRank, server); !st.ok()) {
     return fail(st.WithContext("no zipwire_perf server reachable at " + server));
   }
-  const std::vector<uint64_t> sizes = Sizes(opt);
-  const uint64_t max_size = *std::max_element(sizes.begin(), sizes.end());
-  if (max_size > backend.capabilities().max_write_bytes) {
-    return fail(InvalidArgument("size " + std::to_string(max_size) + " exceeds the backend's max write of " +
-                                std::to_string(backend.capabilities().max_write_bytes)));
-  }
-  auto buffer = MakeBuffer(backend, max_size);
+  const uint64_t need = BufferBytes(sizes, plan.get());
+  auto buffer = MakeBuffer(backend, need, opt.gpu);
   if (!buffer.ok()) return fail(buffer.status());
   Hello hello;
   hello.test = opt.test;
+  hello.bidir = opt.bidir;
   hello.tx_depth = opt.tx_depth;
   hello.iters = opt.iters;
   hello.warmup = Warmup(opt.test, opt.iters, opt.tx_depth);
   hello.sizes = sizes;
   hello.region = transport::ToRemote(buffer->region);
-  if (Status st = backend.PostSend(kServerRank, EncodeHello(hello), 0); !st.ok()) return fail(st);
+  hello.codec = opt.codec;
+  if (Status st = backend.PostSend(kServerRank, EncodeHello(hello), kControlCtx); !st.ok()) return fail(st);
 
   Pump pump(&backend, std::chrono::milliseconds(opt.timeout_ms));
   auto reply = WaitMessage(pump, kServerRank);
@@ -667,44 +1219,114 @@ int RunClient(const Options& opt, Backend& backend) {
     return fail(FailedPrecondition("server refused the run: " + why));
   }
   const RemoteRegion remote = transport::DecodeRemoteRegion(reply->data() + 8);
-  if (remote.length < max_size) return fail(Corrupt("server region is smaller than the largest size"));
+  if (!IsSend(opt.test) && remote.length < need) {
+    return fail(Corrupt("server region is smaller than the largest message"));
+  }
 
   std::printf("%s", kRule);
-  std::printf("                    RDMA_Write %s Test (zipwire, transport %s)\n",
-              opt.test == Test::kWriteBw ? "BW" : "Latency", opt.transport.c_str());
+  std::printf("                    %s Test%s (zipwire, transport %s)\n", TestTitle(opt.test),
+              opt.bidir ? " (bidirectional)" : "", opt.transport.c_str());
   std::printf(" Server: %s   Iterations: %" PRIu64 "   Warm-up: %" PRIu64, server.c_str(), opt.iters,
               hello.warmup);
-  if (opt.test == Test::kWriteBw) std::printf("   TX depth: %u", opt.tx_depth);
+  if (IsBw(opt.test)) std::printf("   TX depth: %u", opt.tx_depth);
+  if (opt.gpu) std::printf("   Memory: CUDA");
+  if (plan)
+    std::printf("\n Codec: %s (bytes = fp32 message; BW = encoded bytes on the wire)", opt.codec.c_str());
   std::printf("\n%s", kRule);
-  if (opt.test == Test::kWriteBw) {
-    std::printf(" #bytes     #iterations    BW peak[MB/sec]    BW average[MB/sec]   MsgRate[Mpps]\n");
+  if (IsBw(opt.test)) {
+    std::printf(" #bytes     #iterations    BW peak[MB/sec]    BW average[MB/sec]   MsgRate[Mpps]%s\n",
+                plan ? "   wire[MB/sec]   effective[MB/sec]" : "");
   } else {
     std::printf(
         " #bytes #iterations    t_min[usec]    t_max[usec]  t_typical[usec]    t_avg[usec]    "
-        "t99.9[usec]\n");
+        "t99.9[usec]%s\n",
+        plan ? "   wire[B]" : "");
   }
   std::fflush(stdout);
+
+  // --bidir: the server's traffic toward us, counted as the server counts ours.
+  const uint64_t per_size = hello.warmup + hello.iters;
+  Receiver rx(backend, kServerRank, opt.test, sizes, per_size, *buffer, remote, nullptr);
+  CodecRun codec_run;
+  codec_run.plan = plan.get();
+  // The server's RESULT may arrive while our own loop still runs: kept for later.
+  std::vector<uint8_t> early_result;
+  const Handler other = [&](Completion& c) -> Status {
+    if (plan) return TakeCredit(&codec_run, c);
+    if (c.type == CompletionType::kRecvMessage && c.peer == kServerRank && IsControl(c.message)) {
+      if (!early_result.empty()) return Corrupt("unexpected control message from the server");
+      early_result = std::move(c.message);
+      return Status::Ok();
+    }
+    return opt.bidir ? rx.Handle(c) : Status::Ok();
+  };
+  std::vector<float> decoded;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> gauss(0.0f, 1.0f);
 
   // Busy-polling (a zero slice) as perftest does unless --events.
   const auto slice = std::chrono::milliseconds(opt.events ? 100 : 0);
   std::vector<BwRow> bw_rows;
   std::vector<LatRow> lat_rows;
   for (uint64_t size : sizes) {
-    if (opt.test == Test::kWriteBw) {
-      auto row = RunBw(backend, pump, *buffer, remote, size, opt.iters, hello.warmup, opt.tx_depth, slice);
-      if (!row.ok()) return fail(row.status().WithContext("write_bw " + std::to_string(size) + " B"));
-      std::printf(" %-7" PRIu64 "    %-7" PRIu64 "          %-7.2f            %-7.2f            %-7.6f\n",
-                  row->bytes, row->iters, row->peak, row->avg, row->mpps);
+    if (plan) {
+      codec_run.src.resize(size / 4);
+      for (float& v : codec_run.src) v = gauss(rng);
+      decoded.resize(size / 4);
+    }
+    if (IsBw(opt.test)) {
+      auto row = RunBw(backend, pump, kServerRank, opt.test, *buffer, remote, size, opt.iters, hello.warmup,
+                       opt.tx_depth, slice, other, plan ? &codec_run : nullptr);
+      if (!row.ok())
+        return fail(
+            row.status().WithContext(std::string(TestName(opt.test)) + " " + std::to_string(size) + " B"));
       bw_rows.push_back(*row);
+      if (!opt.bidir) {
+        std::printf(" %-7" PRIu64 "    %-7" PRIu64 "          %-7.2f            %-7.2f            %-7.6f",
+                    row->bytes, row->iters, row->peak, row->avg, row->mpps);
+        if (plan) {
+          std::printf("       %-10.2f     %-10.2f", row->avg,
+                      row->mpps * 1e6 * static_cast<double>(row->bytes) / kMB);
+        }
+        std::printf("\n");
+      }
     } else {
-      auto row = RunLat(backend, pump, *buffer, remote, size, opt.iters, hello.warmup, slice);
-      if (!row.ok()) return fail(row.status().WithContext("write_lat " + std::to_string(size) + " B"));
+      auto row = RunLat(backend, pump, opt.test, *buffer, remote, size, opt.iters, hello.warmup, slice,
+                        plan ? &codec_run : nullptr, &decoded);
+      if (!row.ok())
+        return fail(
+            row.status().WithContext(std::string(TestName(opt.test)) + " " + std::to_string(size) + " B"));
       std::printf(" %-7" PRIu64 " %-7" PRIu64
-                  "        %-7.2f        %-7.2f      %-7.2f          %-7.2f        %-7.2f\n",
+                  "        %-7.2f        %-7.2f      %-7.2f          %-7.2f        %-7.2f",
                   row->bytes, row->iters, row->t_min, row->t_max, row->t_typical, row->t_avg, row->t999);
+      if (plan) std::printf("     %-8.0f", row->wire_bytes);
+      std::printf("\n");
       lat_rows.push_back(*row);
     }
     std::fflush(stdout);
+  }
+  if (opt.bidir) {
+    // The server's own rows, then the sums (perftest -b reports both directions).
+    if (early_result.empty()) {
+      auto result = WaitMessage(pump, kServerRank, other);
+      if (!result.ok()) return fail(result.status().WithContext("waiting for the server's results"));
+      early_result = std::move(*result);
+    }
+    auto result = &early_result;
+    auto theirs = DecodeResult(*result, bw_rows.size());
+    if (!theirs.ok()) return fail(theirs.status());
+    if (rx.received() != rx.expected()) {
+      return fail(Corrupt("server reported its results after " + std::to_string(rx.received()) + " of " +
+                          std::to_string(rx.expected()) + " messages"));
+    }
+    for (size_t i = 0; i < bw_rows.size(); ++i) {
+      BwRow& r = bw_rows[i];
+      r.peak += (*theirs)[i].peak;
+      r.avg += (*theirs)[i].avg;
+      r.mpps += (*theirs)[i].mpps;
+      std::printf(" %-7" PRIu64 "    %-7" PRIu64 "          %-7.2f            %-7.2f            %-7.6f\n",
+                  r.bytes, r.iters, r.peak, r.avg, r.mpps);
+    }
   }
   std::printf("%s", kRule);
 
@@ -728,6 +1350,21 @@ int Main(int argc, char** argv) {
   Options opt;
   int rc = ParseArgs(argc, argv, &opt);
   if (rc >= 0) return rc;
+  if (opt.transport == "auto") {
+    TransportChoice choice = ChooseTransport(opt.ib_device);
+    opt.transport = choice.name;
+    std::printf("transport: auto -> %s (%s)\n", choice.name.c_str(), choice.reason.c_str());
+    std::fflush(stdout);
+  }
+  // -d / -x / -q are the verbs backend's settings, read when it is created.
+  const bool ib_flags = !opt.ib_device.empty() || !opt.ib_gid_index.empty() || !opt.ib_qps.empty();
+  if (ib_flags && opt.transport != "verbs") {
+    return UsageError("-d / -x / -q select RDMA devices, GIDs and QPs: they apply to -t verbs only, not " +
+                      opt.transport);
+  }
+  if (!opt.ib_device.empty()) setenv("ZIPWIRE_IB_DEVICE", opt.ib_device.c_str(), 1);
+  if (!opt.ib_gid_index.empty()) setenv("ZIPWIRE_IB_GID_INDEX", opt.ib_gid_index.c_str(), 1);
+  if (!opt.ib_qps.empty()) setenv("ZIPWIRE_IB_QPS", opt.ib_qps.c_str(), 1);
   transport::BackendOptions bopt;
   bopt.self = opt.host.empty() ? kServerRank : kClientRank;
   bopt.listen_host = opt.bind;
@@ -735,7 +1372,8 @@ int Main(int argc, char** argv) {
   bopt.connect_timeout = std::chrono::milliseconds(opt.timeout_ms);
   auto backend = transport::CreateBackend(opt.transport, bopt);
   if (!backend.ok()) {
-    if (backend.status().code() == StatusCode::kNotSupported) {
+    const StatusCode code = backend.status().code();
+    if (code == StatusCode::kNotSupported || code == StatusCode::kInvalidArgument) {
       return UsageError("--transport " + opt.transport + ": " + backend.status().message());
     }
     std::fprintf(stderr, "zipwire_perf: error: %s\n", backend.status().ToString().c_str());

@@ -4,31 +4,44 @@
 // Every frame starts with a fixed 40-byte header:
 //
 //   off size field
-//     0    1 type      1 HELLO, 2 WRITE, 3 SEND, 4 ACK, 5 NACK
-//     1    1 code      NACK: reason (1 unknown key, 2 range outside region); else 0
+//     0    1 type      1 HELLO, 2 WRITE, 3 SEND, 4 ACK, 5 NACK, 6 READ,
+//                      7 READ_RESP
+//     1    1 code      NACK, READ_RESP: reason (1 unknown key, 2 range outside
+//                      region; 0 on a READ_RESP that carries the data); else 0
 //     2    2 reserved  must be 0
 //     4    4 imm       WRITE: the immediate; HELLO: sender's rank; else 0
 //     8    8 ack       cumulative: the sender of this frame has processed the
-//                      first `ack` data frames (WRITE/SEND) it received
-//    16    8 key       WRITE: target region key; NACK: sequence number of the
-//                      refused WRITE; HELLO: magic "ZWTCP\0v1"; else 0
-//    24    8 offset    WRITE: byte offset in the target region; HELLO: wire
-//                      version (1); else 0
-//    32    8 length    WRITE/SEND: payload bytes that follow the header; else 0
+//                      first `ack` data frames (all but ACK/NACK) it received
+//    16    8 key       WRITE, READ: target region key; NACK: sequence number of
+//                      the refused WRITE; READ_RESP: sequence number of the
+//                      READ it answers; HELLO: magic "ZWTCP\0v1"; else 0
+//    24    8 offset    WRITE, READ: byte offset in the target region; HELLO:
+//                      wire version (1); else 0
+//    32    8 length    WRITE/SEND/READ_RESP: payload bytes that follow the
+//                      header; READ: bytes requested (no payload); else 0
 //
 // The connecting side sends HELLO first (once); then both sides send WRITE /
-// SEND (data frames, numbered 1, 2, ... implicitly by order) and ACK / NACK
-// (control frames, not numbered). A data frame completes at its initiator
-// when an `ack` covering it arrives; a NACK for it, which always precedes
-// that ack on the wire, turns its completion into kOutOfRange. Anything else
-// (unknown type, nonzero reserved bits, oversize lengths, acks or nacks for
-// frames never sent) is a corrupt stream and drops the connection.
+// SEND / READ / READ_RESP (data frames, numbered 1, 2, ... implicitly by
+// order) and ACK / NACK (control frames, not numbered). A WRITE or SEND
+// completes at its initiator when an `ack` covering it arrives; a NACK for
+// it, which always precedes that ack on the wire, turns its completion into
+// kOutOfRange. A READ is answered by exactly one READ_RESP, in request order:
+// the target checks key and range against its own table as for a WRITE and
+// either sends the bytes straight from its registered region (gather write)
+// or a refusal code with no payload; the READ completes (kReadDone) when its
+// READ_RESP has landed in the initiator's registered range. Acks of READ and
+// READ_RESP frames complete nothing. Anything else (unknown type, nonzero
+// reserved bits, oversize lengths, acks or nacks for frames never sent, a
+// READ_RESP nobody asked for) is a corrupt stream and drops the connection.
 //
 // Data path: a WRITE payload leaves straight from the registered source
 // buffer (gather write {header, payload}), and the target reads it straight
 // into the registered target region (scatter read {region, small spill}).
 // Only payload bytes that arrive in the same read as their header (at most
-// one read buffer) are copied out of the receive buffer.
+// one read buffer) are copied out of the receive buffer. READ_RESP payloads
+// take the same two paths (gather from the target's region, scatter into the
+// initiator's); a region being deregistered waits until no READ_RESP that
+// gathers from it is still being handed to the socket.
 
 #include "transport/tcp_backend.h"
 
@@ -78,7 +91,7 @@ constexpr size_t kMaxBatchFrames = 256;
 constexpr size_t kPayloadLowat = 1024 << 10;
 constexpr size_t kMaxIovPerCall = 64;  // asio's per-syscall buffer limit
 
-enum FrameType : uint8_t { kHello = 1, kWrite = 2, kSend = 3, kAck = 4, kNack = 5 };
+enum FrameType : uint8_t { kHello = 1, kWrite = 2, kSend = 3, kAck = 4, kNack = 5, kRead = 6, kReadResp = 7 };
 enum NackCode : uint8_t { kNackUnknownKey = 1, kNackOutOfRange = 2 };
 
 using internal::GetLE;
@@ -136,6 +149,10 @@ struct Frame {
   size_t payload_len = 0;
   std::vector<uint8_t> owned;  // PostSend's copy; capacity kept across reuse
   std::array<uint8_t, kHeaderBytes> hdr{};
+  // READ_RESP: the target region it gathers from (re-checked at flush), and
+  // whether it holds a pin on that region while handed to the socket.
+  uint64_t region_key = 0;
+  bool pinned = false;
 };
 
 struct FrameList {
@@ -175,6 +192,50 @@ struct Nack {
   uint8_t code;
 };
 
+// A PostRead waiting for its READ_RESP. The local range is looked up again
+// when the answer arrives, so a region deregistered meanwhile is never written.
+struct PendingRead {
+  uint64_t seq = 0;
+  uint64_t local_key = 0;
+  uint64_t local_offset = 0;
+  uint64_t length = 0;
+  uint64_t context = 0;
+};
+
+// FIFO that grows and never shrinks: no allocation per read in steady state.
+class ReadQueue {
+ public:
+  bool empty() const { return count_ == 0; }
+  size_t size() const { return count_; }
+  PendingRead& front() { return slots_[head_]; }
+  void PushBack(const PendingRead& r) {
+    if (count_ == slots_.size()) {
+      std::vector<PendingRead> next(std::max<size_t>(64, slots_.size() * 2));
+      for (size_t i = 0; i < count_; ++i) next[i] = slots_[(head_ + i) & (slots_.size() - 1)];
+      slots_.swap(next);
+      head_ = 0;
+    }
+    slots_[(head_ + count_) & (slots_.size() - 1)] = r;
+    ++count_;
+  }
+  void PopFront() {
+    head_ = (head_ + 1) & (slots_.size() - 1);
+    --count_;
+  }
+
+ private:
+  std::vector<PendingRead> slots_;
+  size_t head_ = 0;
+  size_t count_ = 0;
+};
+
+// A local registration and the READ_RESP frames gathering from it right now.
+struct RegionEntry {
+  MemoryRegion region;
+  uint32_t pins = 0;   // READ_RESP frames handed to the socket, not yet written
+  bool dying = false;  // DeregisterMemory is waiting for pins to drop
+};
+
 using internal::CompletionRing;
 
 struct Connection {
@@ -192,6 +253,7 @@ struct Connection {
   FrameList queue;   // posted, not yet handed to the socket
   uint64_t next_seq = 1;
   bool flush_posted = false;
+  ReadQueue reads;  // our READs waiting for their READ_RESP, in request order
 
   // Progress state: touched only by whoever holds TcpBackend::progress_mu_.
   bool writing = false;  // an async_write is outstanding
@@ -216,6 +278,8 @@ struct Connection {
   uint8_t* dest = nullptr;  // where the payload goes; nullptr discards it
   uint64_t remaining = 0;   // payload bytes still to come
   uint8_t refuse_code = 0;  // nonzero: the WRITE is refused (payload discarded)
+  Status read_status;       // READ_RESP being received: how its READ completes
+  uint64_t read_context = 0;
   std::vector<uint8_t> msg;
   size_t direct_len = 0;  // bytes of the outstanding read aimed at `dest`
   size_t read_requested = 0;
@@ -242,6 +306,7 @@ class TcpBackend final : public Backend {
     caps_.memory_kinds = {MemoryKind::kHost};
     caps_.max_control_bytes = kTcpMaxControlBytes;
     caps_.max_write_bytes = kTcpMaxWriteBytes;
+    caps_.supports_read = true;
     last_activity_ns_.store(NowNs());
     helper_ = std::thread([this] { FallbackProgressLoop(); });
   }
@@ -265,6 +330,8 @@ class TcpBackend final : public Backend {
   Status DeregisterMemory(const MemoryRegion& region) override;
   Status PostWrite(PeerId peer, const MemoryRegion& local, uint64_t local_offset, const RemoteRegion& remote,
                    uint64_t remote_offset, uint64_t length, uint32_t imm, uint64_t context) override;
+  Status PostRead(PeerId peer, const MemoryRegion& local, uint64_t local_offset, const RemoteRegion& remote,
+                  uint64_t remote_offset, uint64_t length, uint64_t context) override;
   Status PostSend(PeerId peer, std::span<const uint8_t> message, uint64_t context) override;
   size_t Poll(std::span<Completion> out, std::chrono::milliseconds timeout) override;
   void Close() override;
@@ -280,6 +347,8 @@ class TcpBackend final : public Backend {
   // Posting side (any thread).
   Frame* AllocFrameLocked();
   Status QueueFrameLocked(PeerId peer, Frame* f, Connection** out);
+  Status CheckLocalRangeLocked(const char* op, const MemoryRegion& local, uint64_t local_offset,
+                               uint64_t length);
   // Bounded wait for progress_mu_. Uses the system clock because libstdc++
   // implements steady-clock timed locks with pthread_mutex_clocklock, which
   // ThreadSanitizer (gcc 12) does not see; a jump of the wall clock merely
@@ -303,6 +372,14 @@ class TcpBackend final : public Backend {
   void OnRead(Connection* c, const error_code& ec, size_t n);
   bool Process(Connection* c);
   bool HandleHeader(Connection* c, const Header& h);
+  bool DropCorrupt(Connection* c, const std::string& what) {
+    Fail(c, "malformed frame: " + what);
+    return false;
+  }
+  bool HandleRead(Connection* c, const Header& h);
+  bool HandleReadResp(Connection* c, const Header& h);
+  void UnpinLocked(Frame* f);
+  void DropConnectionsGatheringFrom(uint64_t key);
   void FinishPayload(Connection* c);
   void Fail(Connection* c, const std::string& reason);
   void Shut(Connection* c, const Status& status, bool emit_peer_error);
@@ -336,7 +413,7 @@ class TcpBackend final : public Backend {
   bool closed_ = false;
   std::atomic<bool> closed_flag_{false};
   CompletionRing completions_;
-  std::unordered_map<uint64_t, MemoryRegion> regions_;
+  std::unordered_map<uint64_t, RegionEntry> regions_;
   uint64_t next_key_ = 1;
   std::vector<std::unique_ptr<Connection>> conns_;  // every connection ever made (handlers hold raw pointers)
   std::unordered_map<PeerId, Connection*> by_peer_;  // the current connection per peer
@@ -371,18 +448,79 @@ Result<MemoryRegion> TcpBackend::RegisterMemory(void* addr, size_t length, Memor
   std::lock_guard lk(mu_);
   if (closed_) return Cancelled("tcp backend closed");
   MemoryRegion r{addr, length, kind, next_key_++};
-  regions_.emplace(r.key, r);
+  regions_.emplace(r.key, RegionEntry{r});
   return r;
 }
 
+// A READ_RESP gathering from the region may sit in an unfinished socket write
+// (the peer is slow to read): the region leaves the table for new requests at
+// once, but the call returns only when no such write references it any more.
+// The wait makes progress itself where nobody else does; a peer that does not
+// drain its socket within connect_timeout loses its connection, which ends
+// every write referencing the memory.
 Status TcpBackend::DeregisterMemory(const MemoryRegion& region) {
-  std::lock_guard lk(mu_);
+  std::unique_lock lk(mu_);
   auto it = regions_.find(region.key);
-  if (it == regions_.end() || it->second.addr != region.addr) {
+  if (it == regions_.end() || it->second.dying || it->second.region.addr != region.addr) {
     return NotFound("DeregisterMemory: key " + std::to_string(region.key) + " is not a live registration");
   }
-  regions_.erase(it);
+  if (it->second.pins == 0) {
+    regions_.erase(it);
+    return Status::Ok();
+  }
+  it->second.dying = true;
+  const uint64_t key = region.key;
+  const auto deadline = Clock::now() + options_.connect_timeout;
+  auto pins = [&] { return regions_.find(key)->second.pins; };
+  bool drop_posted = false;
+  while (pins() > 0) {
+    lk.unlock();
+    const bool late = Clock::now() >= deadline;
+    if (progress_mu_.try_lock()) {
+      owner_.store(Owner::kOther);
+      if (late) {
+        DropConnectionsGatheringFrom(key);
+      } else {
+        io_.poll();
+      }
+      ReleaseProgress();
+    } else if (late && !drop_posted) {
+      // A poller holds progress (perhaps asleep in the reactor): it runs this.
+      drop_posted = true;
+      asio::post(io_, [this, key] { DropConnectionsGatheringFrom(key); });
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+    lk.lock();
+  }
+  regions_.erase(key);
   return Status::Ok();
+}
+
+// Progress side: fails the connections whose unfinished socket write still
+// gathers from region `key` (their peers stopped reading).
+void TcpBackend::DropConnectionsGatheringFrom(uint64_t key) {
+  std::vector<Connection*> stuck;
+  {
+    std::lock_guard g(mu_);
+    for (auto& c : conns_) {
+      for (Frame* f = c->inflight.head; f && c->open; f = f->next) {
+        if (f->pinned && f->region_key == key) {
+          stuck.push_back(c.get());
+          break;
+        }
+      }
+    }
+  }
+  for (Connection* c : stuck) Fail(c, "it did not read a response from a region being deregistered");
+}
+
+// Progress side, mu_ held: a READ_RESP no longer references its region.
+void TcpBackend::UnpinLocked(Frame* f) {
+  if (!f->pinned) return;
+  f->pinned = false;
+  auto it = regions_.find(f->region_key);
+  if (it != regions_.end() && it->second.pins > 0) --it->second.pins;
 }
 
 // ---------------------------------------------------------------------------
@@ -395,7 +533,31 @@ Frame* TcpBackend::AllocFrameLocked() {
   }
   Frame* f = free_frames_.back();
   free_frames_.pop_back();
+  f->payload = nullptr;
+  f->payload_len = 0;
+  f->region_key = 0;
+  f->pinned = false;
   return f;
+}
+
+Status TcpBackend::CheckLocalRangeLocked(const char* op, const MemoryRegion& local, uint64_t local_offset,
+                                         uint64_t length) {
+  auto reg = regions_.find(local.key);
+  if (reg == regions_.end() || reg->second.dying || reg->second.region.addr != local.addr ||
+      reg->second.region.length != local.length) {
+    return InvalidArgument(std::string(op) + ": local region key " + std::to_string(local.key) +
+                           " is not a live registration of this backend");
+  }
+  if (!RangeInside(local_offset, length, local.length)) {
+    return OutOfRange(std::string(op) + ": local range [" + std::to_string(local_offset) + ", +" +
+                      std::to_string(length) + ") is outside local region key " + std::to_string(local.key) +
+                      " of " + std::to_string(local.length) + " bytes");
+  }
+  if (length > kTcpMaxWriteBytes) {
+    return InvalidArgument(std::string(op) + " of " + std::to_string(length) +
+                           " bytes exceeds max_write_bytes " + std::to_string(kTcpMaxWriteBytes));
+  }
+  return Status::Ok();
 }
 
 Status TcpBackend::QueueFrameLocked(PeerId peer, Frame* f, Connection** out) {
@@ -428,20 +590,7 @@ Status TcpBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t lo
   {
     std::lock_guard lk(mu_);
     if (closed_) return Cancelled("tcp backend closed");
-    auto reg = regions_.find(local.key);
-    if (reg == regions_.end() || reg->second.addr != local.addr || reg->second.length != local.length) {
-      return InvalidArgument("PostWrite: local region key " + std::to_string(local.key) +
-                             " is not a live registration of this backend");
-    }
-    if (!RangeInside(local_offset, length, reg->second.length)) {
-      return OutOfRange("PostWrite: local range [" + std::to_string(local_offset) + ", +" +
-                        std::to_string(length) + ") is outside local region key " +
-                        std::to_string(local.key) + " of " + std::to_string(reg->second.length) + " bytes");
-    }
-    if (length > kTcpMaxWriteBytes) {
-      return InvalidArgument("PostWrite of " + std::to_string(length) + " bytes exceeds max_write_bytes " +
-                             std::to_string(kTcpMaxWriteBytes));
-    }
+    ZW_RETURN_IF_ERROR(CheckLocalRangeLocked("PostWrite", local, local_offset, length));
     Frame* f = AllocFrameLocked();
     f->type = kWrite;
     f->context = context;
@@ -455,6 +604,36 @@ Status TcpBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t lo
     h.length = length;
     EncodeHeader(h, f->hdr.data());
     ZW_RETURN_IF_ERROR(QueueFrameLocked(peer, f, &c));
+  }
+  Kick(c);
+  return Status::Ok();
+}
+
+Status TcpBackend::PostRead(PeerId peer, const MemoryRegion& local, uint64_t local_offset,
+                            const RemoteRegion& remote, uint64_t remote_offset, uint64_t length,
+                            uint64_t context) {
+  if (!RangeInside(remote_offset, length, remote.length)) {
+    return OutOfRange("PostRead: remote range [" + std::to_string(remote_offset) + ", +" +
+                      std::to_string(length) + ") is outside remote region key " +
+                      std::to_string(remote.key) + " of " + std::to_string(remote.length) + " bytes");
+  }
+  Touch();
+  Connection* c = nullptr;
+  {
+    std::lock_guard lk(mu_);
+    if (closed_) return Cancelled("tcp backend closed");
+    ZW_RETURN_IF_ERROR(CheckLocalRangeLocked("PostRead", local, local_offset, length));
+    Frame* f = AllocFrameLocked();
+    f->type = kRead;
+    f->context = context;
+    Header h;
+    h.type = kRead;
+    h.key = remote.key;
+    h.offset = remote_offset;
+    h.length = length;
+    EncodeHeader(h, f->hdr.data());
+    ZW_RETURN_IF_ERROR(QueueFrameLocked(peer, f, &c));
+    c->reads.PushBack(PendingRead{f->seq, local.key, local_offset, length, context});
   }
   Kick(c);
   return Status::Ok();
@@ -541,7 +720,24 @@ void TcpBackend::Flush(Connection* c) {
     FrameList batch;
     {
       std::lock_guard lk(mu_);
-      for (size_t i = 0; i < kMaxBatchFrames && !c->queue.empty(); ++i) batch.PushBack(c->queue.PopFront());
+      for (size_t i = 0; i < kMaxBatchFrames && !c->queue.empty(); ++i) {
+        Frame* f = c->queue.PopFront();
+        if (f->type == kReadResp && f->payload_len > 0) {
+          // The region may have gone since the READ was accepted: then the
+          // answer becomes a refusal; else it is pinned until written.
+          auto it = regions_.find(f->region_key);
+          if (it == regions_.end() || it->second.dying) {
+            f->hdr[1] = kNackUnknownKey;
+            PutLE<uint64_t>(f->hdr.data() + 32, 0);
+            f->payload = nullptr;
+            f->payload_len = 0;
+          } else {
+            ++it->second.pins;
+            f->pinned = true;
+          }
+        }
+        batch.PushBack(f);
+      }
     }
     const bool ack_due = c->rx_seq > c->ack_sent;
     if (batch.empty() && c->nacks_out.empty() && !ack_due) return;
@@ -625,6 +821,12 @@ void TcpBackend::OnWritten(Connection* c, const error_code& ec) {
 }
 
 void TcpBackend::WriteDone(Connection* c) {
+  for (Frame* f = c->inflight.head; f; f = f->next) {
+    if (f->pinned) {
+      std::lock_guard lk(mu_);
+      UnpinLocked(f);
+    }
+  }
   c->unacked.Append(c->inflight);
   CompleteAcked(c);
 }
@@ -634,6 +836,13 @@ void TcpBackend::CompleteAcked(Connection* c) {
   std::lock_guard lk(mu_);
   while (!c->unacked.empty() && c->unacked.head->seq <= c->peer_acked) {
     Frame* f = c->unacked.PopFront();
+    if (f->type == kRead || f->type == kReadResp) {
+      // A READ completes with its READ_RESP; a READ_RESP completes nothing.
+      // (A NACK naming one is a confused peer's; it must not shift the rest.)
+      if (!c->peer_nacks.empty() && c->peer_nacks.front().seq == f->seq) c->peer_nacks.pop_front();
+      free_frames_.push_back(f);
+      continue;
+    }
     Completion done;
     done.type = f->type == kWrite ? CompletionType::kWriteDone : CompletionType::kSendDone;
     done.peer = c->peer;
@@ -815,12 +1024,12 @@ bool TcpBackend::HandleHeader(Connection* c, const Header& h) {
         // Never trust the initiator's idea of our region: check our table.
         std::lock_guard lk(mu_);
         auto it = regions_.find(h.key);
-        if (it == regions_.end()) {
+        if (it == regions_.end() || it->second.dying) {
           c->refuse_code = kNackUnknownKey;
-        } else if (!RangeInside(h.offset, h.length, it->second.length)) {
+        } else if (!RangeInside(h.offset, h.length, it->second.region.length)) {
           c->refuse_code = kNackOutOfRange;
         } else {
-          c->dest = static_cast<uint8_t*>(it->second.addr) + h.offset;
+          c->dest = static_cast<uint8_t*>(it->second.region.addr) + h.offset;
         }
       }
       if (c->remaining == 0) FinishPayload(c);
@@ -838,6 +1047,10 @@ bool TcpBackend::HandleHeader(Connection* c, const Header& h) {
       c->dest = c->msg.data();
       if (c->remaining == 0) FinishPayload(c);
       return true;
+    case kRead:
+      return HandleRead(c, h);
+    case kReadResp:
+      return HandleReadResp(c, h);
     case kHello:
       return corrupt("unexpected HELLO");
     default:
@@ -845,10 +1058,115 @@ bool TcpBackend::HandleHeader(Connection* c, const Header& h) {
   }
 }
 
+// A peer's READ: checked against our table exactly as a WRITE would be, and
+// answered in order by a READ_RESP that gathers straight from the region.
+bool TcpBackend::HandleRead(Connection* c, const Header& h) {
+  if (h.code || h.imm) return DropCorrupt(c, "READ with nonzero fields");
+  if (h.length > kTcpMaxWriteBytes) return DropCorrupt(c, "READ of " + std::to_string(h.length) + " bytes");
+  if (!ApplyAck(c, h.ack)) return false;
+  ++c->rx_seq;
+  {
+    std::lock_guard lk(mu_);
+    uint8_t refuse = 0;
+    auto it = regions_.find(h.key);
+    if (it == regions_.end() || it->second.dying) {
+      refuse = kNackUnknownKey;
+    } else if (!RangeInside(h.offset, h.length, it->second.region.length)) {
+      refuse = kNackOutOfRange;
+    }
+    if (refuse != 0) {
+      ZW_LOG(kWarn, "tcp: refused READ from peer "
+                        << c->peer << " (" << c->address << "): key " << h.key << " offset " << h.offset
+                        << " length " << h.length
+                        << (refuse == kNackUnknownKey ? ": unknown key" : ": outside region"));
+    }
+    Frame* f = AllocFrameLocked();
+    f->type = kReadResp;
+    f->context = 0;
+    if (refuse == 0) {
+      f->payload = static_cast<const uint8_t*>(it->second.region.addr) + h.offset;
+      f->payload_len = h.length;
+      f->region_key = h.key;
+    }
+    Header r;
+    r.type = kReadResp;
+    r.code = refuse;
+    r.key = c->rx_seq;  // the READ's number in the peer's sequence
+    r.length = refuse == 0 ? h.length : 0;
+    EncodeHeader(r, f->hdr.data());
+    // The connection is open (we are reading from it), so this cannot fail.
+    f->seq = c->next_seq++;
+    c->queue.PushBack(f);
+  }
+  if (!c->ack_dirty) {
+    c->ack_dirty = true;
+    ack_dirty_.push_back(c);
+  }
+  return true;
+}
+
+// The answer to our oldest outstanding READ: lands in the local range named
+// at post time, looked up again now.
+bool TcpBackend::HandleReadResp(Connection* c, const Header& h) {
+  if (h.imm || h.offset) return DropCorrupt(c, "READ_RESP with nonzero fields");
+  if (!ApplyAck(c, h.ack)) return false;
+  // The READ stays queued until its bytes have landed, so that a connection
+  // failing mid-payload fails it with the rest.
+  PendingRead want;
+  {
+    std::lock_guard lk(mu_);
+    // Fail takes mu_ itself; decide under the lock, act after it.
+    if (!c->reads.empty() && c->reads.front().seq == h.key) want = c->reads.front();
+  }
+  if (want.seq == 0)
+    return DropCorrupt(c, "READ_RESP for READ " + std::to_string(h.key) + " not outstanding");
+  if (h.code == 0 ? h.length != want.length
+                  : (h.code != kNackUnknownKey && h.code != kNackOutOfRange) || h.length != 0) {
+    return DropCorrupt(c, "READ_RESP does not match READ " + std::to_string(h.key));
+  }
+  c->cur = h;
+  c->in_payload = true;
+  c->remaining = h.length;
+  c->dest = nullptr;
+  c->refuse_code = 0;
+  c->read_context = want.context;
+  c->read_status = Status::Ok();
+  if (h.code != 0) {
+    c->read_status = OutOfRange("peer " + std::to_string(c->peer) + " (" + c->address +
+                                ") refused the read of " + std::to_string(want.length) + " bytes: " +
+                                (h.code == kNackUnknownKey ? "the key is not registered there"
+                                                           : "the range is outside its registration"));
+  } else {
+    std::lock_guard lk(mu_);
+    auto it = regions_.find(want.local_key);
+    if (it == regions_.end() || it->second.dying ||
+        !RangeInside(want.local_offset, want.length, it->second.region.length)) {
+      c->read_status = FailedPrecondition("read of " + std::to_string(want.length) +
+                                          " bytes: local region key " + std::to_string(want.local_key) +
+                                          " was deregistered before the data arrived; discarded");
+    } else {
+      c->dest = static_cast<uint8_t*>(it->second.region.addr) + want.local_offset;
+    }
+  }
+  if (c->remaining == 0) FinishPayload(c);
+  return true;
+}
+
 void TcpBackend::FinishPayload(Connection* c) {
   c->in_payload = false;
   ++c->rx_seq;
-  if (c->refuse_code != 0) {
+  if (c->cur.type == kReadResp) {
+    std::lock_guard lk(mu_);
+    c->reads.PopFront();
+    Completion done;
+    done.type = CompletionType::kReadDone;
+    done.status = std::move(c->read_status);
+    c->read_status = Status::Ok();
+    done.peer = c->peer;
+    done.context = c->read_context;
+    done.length = c->cur.length;
+    PushCompletionLocked(std::move(done));
+  } else if (c->refuse_code != 0) {
     ZW_LOG(kWarn, "tcp: refused WRITE from peer "
                       << c->peer << " (" << c->address << "): key " << c->cur.key << " offset "
                       << c->cur.offset << " length " << c->cur.length
@@ -895,6 +1213,9 @@ void TcpBackend::Shut(Connection* c, const Status& status, bool emit_peer_error)
   c->failure = status;
   auto fail_all = [&](FrameList& list, bool recycle) {
     for (Frame* f = list.head; f; f = f->next) {
+      // The socket is closed: nothing gathers from a pinned region any more.
+      UnpinLocked(f);
+      if (f->type == kRead || f->type == kReadResp) continue;  // reads fail below
       Completion done;
       done.type = f->type == kWrite ? CompletionType::kWriteDone : CompletionType::kSendDone;
       done.status = status;
@@ -911,6 +1232,15 @@ void TcpBackend::Shut(Connection* c, const Status& status, bool emit_peer_error)
   fail_all(c->inflight, !c->writing);  // an outstanding write still references these
   fail_all(c->queue, true);
   c->peer_nacks.clear();
+  while (!c->reads.empty()) {
+    Completion done;
+    done.type = CompletionType::kReadDone;
+    done.status = status;
+    done.peer = c->peer;
+    done.context = c->reads.front().context;
+    c->reads.PopFront();
+    PushCompletionLocked(std::move(done));
+  }
   if (emit_peer_error) {
     Completion err;
     err.type = CompletionType::kPeerError;

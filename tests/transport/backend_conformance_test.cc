@@ -636,6 +636,218 @@ TEST_P(BackendTest, GarbageOnListenPortIsDroppedAndServiceContinues) {
   }
 }
 
+// ---------------------------------------------------------------------------
+// Optional section: PostRead (capabilities().supports_read). Backends without
+// it must say so with kNotSupported; the rest must honour the contract.
+
+#define ZW_REQUIRE_READ(node)                                      \
+  if (!(node).backend->capabilities().supports_read) {             \
+    GTEST_SKIP() << GetParam() << " does not claim supports_read"; \
+  }
+
+TEST_P(BackendTest, PostReadWithoutCapabilityIsNotSupported) {
+  if (a_.backend->capabilities().supports_read) GTEST_SKIP() << GetParam() << " claims supports_read";
+  std::vector<uint8_t> buf(64), remote_buf(64);
+  MemoryRegion lr = Register(a_, buf), rr = Register(b_, remote_buf);
+  EXPECT_EQ(a_.backend->PostRead(1, lr, 0, ToRemote(rr), 0, 8, 0).code(), StatusCode::kNotSupported);
+}
+
+TEST_P(BackendTest, ReadsFetchRemoteBytesWithoutTargetCompletions) {
+  ZW_REQUIRE_READ(a_);
+  constexpr size_t kBig = size_t{64} << 20;
+  std::vector<uint8_t> remote_buf(kBig + 4096), local(kBig + 8192, 0xEE);
+  FillRandom(remote_buf, 21);
+  MemoryRegion lr = Register(a_, local), rr = Register(b_, remote_buf);
+  const RemoteRegion remote = ToRemote(rr);
+  // 8 B, a page, and 64 MiB from an odd offset into an odd offset.
+  ASSERT_TRUE(a_.backend->PostRead(1, lr, 0, remote, 100, 8, 1).ok());
+  ASSERT_TRUE(a_.backend->PostRead(1, lr, 8, remote, 4096, 4096, 2).ok());
+  ASSERT_TRUE(a_.backend->PostRead(1, lr, 4104 + 3, remote, 555, kBig, 3).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] { return a_.Count(CompletionType::kReadDone) == 3; }));
+  std::set<uint64_t> contexts;
+  for (const auto& c : a_.Take(CompletionType::kReadDone)) {
+    EXPECT_TRUE(c.status.ok()) << c.status.ToString();
+    EXPECT_EQ(c.peer, 1u);
+    EXPECT_TRUE(contexts.insert(c.context).second) << "duplicate completion " << c.context;
+  }
+  EXPECT_EQ(contexts, (std::set<uint64_t>{1, 2, 3}));
+  EXPECT_EQ(0, std::memcmp(local.data(), remote_buf.data() + 100, 8));
+  EXPECT_EQ(0, std::memcmp(local.data() + 8, remote_buf.data() + 4096, 4096));
+  EXPECT_EQ(Checksum(local.data() + 4107, kBig), Checksum(remote_buf.data() + 555, kBig));
+  EXPECT_EQ(local[4104], 0xEE);  // bytes between the ranges untouched
+  EXPECT_EQ(local[4107 + kBig], 0xEE);
+  // The target sees nothing: a read is one-sided.
+  for (int i = 0; i < 20; ++i) {
+    a_.Pump(1ms);
+    b_.Pump(1ms);
+  }
+  EXPECT_TRUE(b_.got.empty()) << CompletionTypeName(b_.got[0].type);
+  EXPECT_EQ(a_.Count(CompletionType::kReadDone), 0u);
+}
+
+TEST_P(BackendTest, ThousandsOfReadsAndWritesInterleaved) {
+  ZW_REQUIRE_READ(a_);
+  constexpr int kOps = 4000;
+  std::vector<uint8_t> a_buf(kOps * 16), b_buf(kOps * 16, 0);
+  FillRandom(a_buf, 22);
+  MemoryRegion ar = Register(a_, a_buf), br = Register(b_, b_buf);
+  const RemoteRegion remote = ToRemote(br);
+  // Write [i*16, +8) then read it back into [i*16 + 8, +8): a read after a
+  // write to the same peer sees the write (RC ordering at the target).
+  for (int i = 0; i < kOps; ++i) {
+    ASSERT_TRUE(a_.backend->PostWrite(1, ar, i * 16, remote, i * 16, 8, i, 2 * i).ok());
+    ASSERT_TRUE(a_.backend->PostRead(1, ar, i * 16 + 8, remote, i * 16, 8, 2 * i + 1).ok());
+    if (i % 64 == 0) {
+      a_.Pump(0ms);
+      b_.Pump(0ms);
+    }
+  }
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return a_.Count(CompletionType::kReadDone) >= kOps && a_.Count(CompletionType::kWriteDone) >= kOps &&
+           b_.Count(CompletionType::kWriteImm) >= kOps;
+  }));
+  std::set<uint64_t> contexts;
+  for (const auto& c : a_.got) {
+    EXPECT_TRUE(c.status.ok()) << c.status.ToString();
+    EXPECT_TRUE(contexts.insert(c.context).second) << "duplicate completion " << c.context;
+  }
+  EXPECT_EQ(contexts.size(), static_cast<size_t>(2 * kOps));
+  for (int i = 0; i < kOps; ++i) {
+    ASSERT_EQ(0, std::memcmp(a_buf.data() + i * 16, a_buf.data() + i * 16 + 8, 8)) << "read " << i;
+  }
+}
+
+TEST_P(BackendTest, OutOfRangeReadsRefused) {
+  ZW_REQUIRE_READ(a_);
+  std::vector<uint8_t> local(8192, 0), remote_buf(8192, 0xAB);
+  MemoryRegion lr = Register(a_, local);
+  // b registers only the first half.
+  auto rr = b_.backend->RegisterMemory(remote_buf.data(), 4096, MemoryKind::kHost);
+  ASSERT_TRUE(rr.ok());
+  const RemoteRegion remote = ToRemote(*rr);
+  auto code = [&](uint64_t loff, uint64_t roff, uint64_t len) {
+    return a_.backend->PostRead(1, lr, loff, remote, roff, len, 0).code();
+  };
+  EXPECT_EQ(code(8000, 0, 200), StatusCode::kOutOfRange);             // past local end
+  EXPECT_EQ(code(0, 4000, 100), StatusCode::kOutOfRange);             // past remote end
+  EXPECT_EQ(code(UINT64_MAX - 10, 0, 100), StatusCode::kOutOfRange);  // wraps
+  EXPECT_EQ(code(0, UINT64_MAX - 10, 100), StatusCode::kOutOfRange);
+  EXPECT_EQ(a_.Count(CompletionType::kReadDone), 0u);
+
+  // Ranges the initiator believes in but the target does not: refused there.
+  RemoteRegion forged = remote;
+  forged.length = 8192;
+  RemoteRegion unknown = remote;
+  unknown.key += 1000;
+  ASSERT_TRUE(a_.backend->PostRead(1, lr, 0, forged, 2048, 4096, 11).ok());
+  ASSERT_TRUE(a_.backend->PostRead(1, lr, 0, unknown, 0, 16, 12).ok());
+  ASSERT_TRUE(a_.backend->PostRead(1, lr, 4096, forged, 0, 4096, 13).ok());  // in range: fine
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] { return a_.Count(CompletionType::kReadDone) == 3; }));
+  std::map<uint64_t, Status> by_ctx;
+  for (auto& c : a_.Take(CompletionType::kReadDone)) by_ctx[c.context] = c.status;
+  EXPECT_EQ(by_ctx[11].code(), StatusCode::kOutOfRange) << by_ctx[11].ToString();
+  EXPECT_EQ(by_ctx[12].code(), StatusCode::kOutOfRange) << by_ctx[12].ToString();
+  EXPECT_TRUE(by_ctx[13].ok()) << by_ctx[13].ToString();
+  for (size_t i = 0; i < 4096; ++i) ASSERT_EQ(local[i], 0) << "byte " << i << " was written";
+  EXPECT_EQ(local[4096], 0xAB);
+  EXPECT_EQ(local[8191], 0xAB);
+  EXPECT_EQ(a_.Count(CompletionType::kPeerError) + b_.Count(CompletionType::kPeerError), 0u);
+}
+
+// The target goes away with reads outstanding (it never polled, so never
+// answered): each read completes exactly once with kPeerClosed.
+void RunPeerLossWithReads(Node& a, Node& b, bool destroy) {
+  constexpr int kReads = 64;
+  constexpr size_t kChunk = 1 << 16;
+  std::vector<uint8_t> local(kReads * kChunk), remote_buf(kReads * kChunk, 9);
+  auto lr = a.backend->RegisterMemory(local.data(), local.size(), MemoryKind::kHost);
+  auto rr = b.backend->RegisterMemory(remote_buf.data(), remote_buf.size(), MemoryKind::kHost);
+  ASSERT_TRUE(lr.ok() && rr.ok());
+  for (int i = 0; i < kReads; ++i) {
+    ASSERT_TRUE(a.backend->PostRead(1, *lr, i * kChunk, ToRemote(*rr), i * kChunk, kChunk, i).ok());
+  }
+  a.Pump(0ms);
+  if (destroy) {
+    b.backend.reset();
+  } else {
+    b.backend->Close();
+  }
+  ASSERT_TRUE(PumpUntil({&a}, [&] {
+    return a.Count(CompletionType::kReadDone) == kReads && a.Count(CompletionType::kPeerError) >= 1;
+  }));
+  std::set<uint64_t> ctx;
+  for (const auto& c : a.Take(CompletionType::kReadDone)) {
+    EXPECT_TRUE(ctx.insert(c.context).second) << "completed twice: " << c.context;
+    EXPECT_EQ(c.status.code(), StatusCode::kPeerClosed) << c.status.ToString();
+  }
+  EXPECT_EQ(a.backend->PostRead(1, *lr, 0, ToRemote(*rr), 0, 8, 0).code(), StatusCode::kPeerClosed);
+  size_t before = a.got.size();
+  for (int i = 0; i < 10; ++i) a.Pump(1ms);
+  EXPECT_EQ(a.got.size(), before);
+}
+
+TEST_P(PendingOpsTest, PeerCloseFailsPendingReads) {
+  ZW_REQUIRE_READ(a_);
+  RunPeerLossWithReads(a_, b_, /*destroy=*/false);
+}
+
+TEST_P(PendingOpsTest, PeerDestroyFailsPendingReads) {
+  ZW_REQUIRE_READ(a_);
+  RunPeerLossWithReads(a_, b_, /*destroy=*/true);
+}
+
+TEST_P(PendingOpsTest, LocalCloseCancelsPendingReads) {
+  ZW_REQUIRE_READ(a_);
+  std::vector<uint8_t> local(1 << 20), remote_buf(1 << 20);
+  MemoryRegion lr = Register(a_, local), rr = Register(b_, remote_buf);
+  for (int i = 0; i < 16; ++i) ASSERT_TRUE(a_.backend->PostRead(1, lr, 0, ToRemote(rr), 0, 4096, i).ok());
+  a_.backend->Close();
+  ASSERT_TRUE(PumpUntil({&a_}, [&] { return a_.Count(CompletionType::kReadDone) == 16; }));
+  for (const auto& c : a_.Take(CompletionType::kReadDone)) {
+    EXPECT_EQ(c.status.code(), StatusCode::kCancelled) << c.status.ToString();
+  }
+}
+
+// The target deregisters the region before it gets to a read of it: the read
+// is refused, and nothing is gathered from memory the target gave up.
+TEST_P(PendingOpsTest, ReadOfRegionDeregisteredMeanwhileIsRefused) {
+  ZW_REQUIRE_READ(a_);
+  std::vector<uint8_t> local(4096, 0), remote_buf(4096, 0x77);
+  MemoryRegion lr = Register(a_, local), rr = Register(b_, remote_buf);
+  ASSERT_TRUE(a_.backend->PostRead(1, lr, 0, ToRemote(rr), 0, 4096, 5).ok());
+  a_.Pump(0ms);
+  ASSERT_TRUE(b_.backend->DeregisterMemory(rr).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] { return a_.Count(CompletionType::kReadDone) == 1; }));
+  auto done = a_.Take(CompletionType::kReadDone);
+  EXPECT_FALSE(done[0].status.ok());
+  EXPECT_EQ(done[0].context, 5u);
+  for (size_t i = 0; i < local.size(); ++i) ASSERT_EQ(local[i], 0) << "byte " << i;
+}
+
+// A peer that asks for far more than its socket drains: the target's
+// DeregisterMemory still returns (bounded), and the memory is not touched
+// afterwards.
+TEST_P(PendingOpsTest, DeregisterWhileResponsesStreamReturns) {
+  ZW_REQUIRE_READ(a_);
+  constexpr size_t kBytes = size_t{64} << 20;
+  std::vector<uint8_t> local(kBytes), remote_buf(kBytes, 0x42);
+  MemoryRegion lr = Register(a_, local), rr = Register(b_, remote_buf);
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(a_.backend->PostRead(1, lr, 0, ToRemote(rr), 0, kBytes, i).ok());
+  // b answers (its socket fills: a does not poll), then deregisters.
+  for (int i = 0; i < 50; ++i) b_.Pump(1ms);
+  const auto t0 = Clock::now();
+  ASSERT_TRUE(b_.backend->DeregisterMemory(rr).ok());
+  EXPECT_LT(Clock::now() - t0, kDeadline);
+  std::fill(remote_buf.begin(), remote_buf.end(), 0);  // b may reuse the memory now
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] { return a_.Count(CompletionType::kReadDone) == 4; }));
+  // A read that succeeded got the bytes as they were before the deregistration.
+  bool any_ok = false;
+  for (const auto& c : a_.Take(CompletionType::kReadDone)) any_ok |= c.status.ok();
+  if (any_ok) {
+    for (size_t i = 0; i < kBytes; i += 4096) ASSERT_EQ(local[i], 0x42) << i;
+  }
+}
+
 // The backends built into this binary. verbs tests skip where no RDMA device
 // exists (the host); they run for real in the soft-RoCE guest (ctest -L
 // softroce). Tests are named by backend ("/verbs") so filters can pick one.
