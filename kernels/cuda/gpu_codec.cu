@@ -365,13 +365,12 @@ __global__ void __launch_bounds__(kThreads) ReduceKernel(ReduceArgs a) {
       if constexpr (kMode == kAbsSum) a.seg_count[seg] = finite;
     }
   }
-  // Last block done: combine.
+  // Last block done: combine. Every writer fences its segment total before
+  // the block signals (the threadFenceReduction pattern).
   __shared__ bool last;
+  __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    last = atomicAdd(&a.st->blocks_done, 1u) == gridDim.x - 1;
-  }
+  if (threadIdx.x == 0) last = atomicAdd(&a.st->blocks_done, 1u) == gridDim.x - 1;
   __syncthreads();
   if (!last || threadIdx.x != 0) return;
   __threadfence();
@@ -386,6 +385,7 @@ __global__ void __launch_bounds__(kThreads) ReduceKernel(ReduceArgs a) {
   } else {
     double sum = 0.0;
     unsigned long long count = 0;
+#pragma unroll 16
     for (size_t s = 0; s < segments; ++s) {
       sum = __dadd_rn(sum, __ldcg(a.seg_sum + s));
       if constexpr (kMode == kAbsSum) count += __ldcg(a.seg_count + s);

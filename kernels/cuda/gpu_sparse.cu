@@ -279,45 +279,55 @@ __global__ void __launch_bounds__(1024)
   if (threadIdx.x == 0) *count_out = carry;
 }
 
+// Warp w of the block takes items [512w, 512w + 512) of the tile, 32 at a time
+// (coalesced), keeps them in registers with their ballots, and writes the kept
+// ones at tile offset + warp offset + rank: the output is in item order.
 template <class Src, class Pred>
 __global__ void __launch_bounds__(kTileThreads)
     TileWriteKernel(Src src, Pred pred, size_t n_host, const uint32_t* n_dev, const uint32_t* tile_offsets,
                     uint32_t* out_idx, uint32_t* out_key, int gate, const DeviceState* st) {
   if (Closed(gate, st)) return;
-  using Scan = cub::BlockScan<uint32_t, kTileThreads>;
-  __shared__ typename Scan::TempStorage temp;
-  __shared__ uint32_t s_idx[kTile];
-  __shared__ uint32_t s_key[kTile];
-  __shared__ uint8_t s_flag[kTile];
+  __shared__ uint32_t warp_base[kTileThreads / 32];
+  const unsigned lane = threadIdx.x & 31, warp = threadIdx.x / 32;
   const size_t n = ItemCount(n_host, n_dev);
   const size_t tiles = (n + kTile - 1) / kTile;
   for (size_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    uint32_t idx[kTileItems], key[kTileItems], ballot[kTileItems];
+    uint32_t cnt = 0;
+#pragma unroll
     for (int j = 0; j < kTileItems; ++j) {
-      const int slot = j * kTileThreads + threadIdx.x;
-      const size_t q = tile * kTile + size_t(slot);
-      uint32_t i = 0, k = 0;
+      const size_t q = tile * kTile + size_t{warp} * (32 * kTileItems) + size_t(j) * 32 + lane;
       bool keep = false;
+      idx[j] = 0;
+      key[j] = 0;
       if (q < n) {
-        src.Load(q, &i, &k);
-        keep = pred(i, k, st);
+        src.Load(q, &idx[j], &key[j]);
+        keep = pred(idx[j], key[j], st);
       }
-      s_idx[slot] = i;
-      s_key[slot] = k;
-      s_flag[slot] = keep ? 1 : 0;
+      ballot[j] = __ballot_sync(0xffffffffu, keep);
+      cnt += __popc(ballot[j]);
+    }
+    if (lane == 0) warp_base[warp] = cnt;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint32_t at = tile_offsets[tile];
+      for (int w = 0; w < kTileThreads / 32; ++w) {
+        const uint32_t c = warp_base[w];
+        warp_base[w] = at;
+        at += c;
+      }
     }
     __syncthreads();
-    uint32_t cnt = 0;
-    for (int j = 0; j < kTileItems; ++j) cnt += s_flag[threadIdx.x * kTileItems + j];
-    uint32_t at;
-    Scan(temp).ExclusiveSum(cnt, at);
-    at += tile_offsets[tile];
+    uint32_t at = warp_base[warp];
+    const uint32_t below = (1u << lane) - 1u;
+#pragma unroll
     for (int j = 0; j < kTileItems; ++j) {
-      const int slot = threadIdx.x * kTileItems + j;
-      if (s_flag[slot]) {
-        out_idx[at] = s_idx[slot];
-        if (out_key != nullptr) out_key[at] = s_key[slot];
-        ++at;
+      if ((ballot[j] >> lane) & 1u) {
+        const uint32_t r = at + __popc(ballot[j] & below);
+        out_idx[r] = idx[j];
+        if (out_key != nullptr) out_key[r] = key[j];
       }
+      at += __popc(ballot[j]);
     }
     __syncthreads();
   }
@@ -354,7 +364,10 @@ __global__ void __launch_bounds__(kThreads) TopHistKernel(Src src, size_t n, uin
   for (size_t q = size_t{blockIdx.x} * blockDim.x + threadIdx.x; q < n; q += stride) {
     uint32_t i, k;
     src.Load(q, &i, &k);
-    atomicAdd(&h[k >> 20], 1u);
+    // Lanes with the same bin add once (normal data crowds a few bins).
+    const uint32_t bin = k >> 20;
+    const uint32_t peers = __match_any_sync(__activemask(), bin);
+    if ((threadIdx.x & 31) == static_cast<unsigned>(__ffs(peers) - 1)) atomicAdd(&h[bin], __popc(peers));
   }
   __syncthreads();
   for (int b = threadIdx.x; b < 2048; b += blockDim.x) {
