@@ -20,6 +20,7 @@
 #include <cstring>
 
 #include "kernels/cuda/gpu_internal.cuh"
+#include "kernels/cuda/gpu_testing.h"
 
 namespace zipwire::kernels::cuda {
 
@@ -1032,3 +1033,10 @@ Status LaunchDecode(const GpuCodec::Config& c, const uint8_t* in, size_t in_byte
 }
 
 }  // namespace zipwire::kernels::cuda
+
+namespace zipwire::kernels::cuda::testing {
+uint32_t PhiloxDraw(uint64_t seed, uint64_t tensor, uint32_t chunk, uint64_t step, uint32_t purpose,
+                    uint64_t position) {
+  return PhiloxU32(MakePhilox(seed, tensor, chunk, step, purpose), position);
+}
+}  // namespace zipwire::kernels::cuda::testing

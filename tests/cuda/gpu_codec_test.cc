@@ -18,6 +18,8 @@
 
 #include "kernels/codec.h"
 #include "kernels/cuda/gpu_codec.h"
+#include "kernels/cuda/gpu_testing.h"
+#include "kernels/philox.h"
 #include "kernels/error_feedback.h"
 
 namespace zipwire::kernels::cuda {
@@ -343,6 +345,18 @@ TEST(GpuCodecApiTest, UnknownAndCpuOnlySpecsAreRejected) {
   auto cpu = CreateCodec("topk:0.01");
   ASSERT_TRUE(cpu.ok());
   EXPECT_EQ((*c)->MaxCompressedBytes(12345), (*cpu)->MaxCompressedBytes(12345));
+}
+
+// The kernels' Philox port (__host__ __device__, run here on the host) draws
+// what kernels/philox.h draws, for every purpose and a spread of positions.
+TEST(GpuCodecApiTest, PhiloxPortMatchesCpu) {
+  for (uint32_t purpose = 1; purpose <= 5; ++purpose) {
+    const PhiloxStream cpu(0x0123456789abcdefull, 77, 5, 1234567, static_cast<PhiloxPurpose>(purpose));
+    for (uint64_t p : {0ull, 1ull, 2ull, 3ull, 4ull, 1023ull, 65537ull, 0xfffffffffull}) {
+      EXPECT_EQ(testing::PhiloxDraw(0x0123456789abcdefull, 77, 5, 1234567, purpose, p), cpu.U32(p))
+          << "purpose " << purpose << " position " << p;
+    }
+  }
 }
 
 TEST(GpuCodecApiTest, WorkspaceCreationReportsMissingDevice) {

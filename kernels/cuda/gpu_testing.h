@@ -1,0 +1,14 @@
+// Host entry points into the CUDA sources' __host__ __device__ code, for tests
+// that need no GPU (the device runs the very same functions).
+#pragma once
+
+#include <cstdint>
+
+namespace zipwire::kernels::cuda::testing {
+
+// Draw `position` of the Philox stream (seed, tensor, chunk, step, purpose), as
+// the kernels compute it.
+uint32_t PhiloxDraw(uint64_t seed, uint64_t tensor, uint32_t chunk, uint64_t step, uint32_t purpose,
+                    uint64_t position);
+
+}  // namespace zipwire::kernels::cuda::testing
