@@ -37,11 +37,13 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstring>
+#include <vector>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "kernels/cuda/gpu_internal.cuh"
+#include "kernels/cuda/gpu_testing.h"
 
 namespace zipwire::kernels::cuda {
 namespace {
@@ -785,6 +787,26 @@ Status TopkDecode(const GpuCodec::Config& c, const uint8_t* in, size_t in_bytes,
 
 // ---- randomk -----------------------------------------------------------------------------
 
+// Step i of Floyd's draw: t_i, or j_i = n - k + i when t_i is already chosen,
+// i.e. when an earlier step drew t_i (dup[i]) or t_i = j_p of an earlier step p
+// that itself collided; the chain only goes to smaller steps.
+__host__ __device__ inline uint32_t FloydChoice(size_t i, const uint32_t* t, const uint32_t* dup, size_t n,
+                                                size_t k) {
+  const size_t base = n - k;
+  size_t cur = i;
+  bool collided = false;
+  while (true) {
+    if (dup[cur] != 0) {
+      collided = true;
+      break;
+    }
+    const size_t v = t[cur];
+    if (v < base || v - base >= cur) break;  // not j_p of an earlier step p
+    cur = v - base;                          // collided iff step p collided
+  }
+  return static_cast<uint32_t>(collided ? base + i : t[i]);
+}
+
 __global__ void RandomkDrawKernel(size_t n, size_t k, DevPhilox ph_host, bool from_state, const DeviceState* st,
                                   uint32_t* t, uint32_t* steps) {
   const DevPhilox ph = from_state ? DevPhilox{st->key0, st->key1, st->hi0, st->hi1} : ph_host;
@@ -805,22 +827,9 @@ __global__ void RandomkDupKernel(const uint32_t* t_sorted, const uint32_t* steps
 }
 
 __global__ void RandomkChooseKernel(const uint32_t* t, const uint32_t* dup, size_t n, size_t k, uint32_t* chosen) {
-  const size_t base = n - k;
   const size_t stride = size_t{gridDim.x} * blockDim.x;
-  for (size_t i = size_t{blockIdx.x} * blockDim.x + threadIdx.x; i < k; i += stride) {
-    size_t cur = i;
-    bool collided = false;
-    while (true) {
-      if (dup[cur] != 0) {
-        collided = true;
-        break;
-      }
-      const size_t v = t[cur];
-      if (v < base || v - base >= cur) break;  // not j_p of an earlier step p
-      cur = v - base;                          // collided iff step p collided
-    }
-    chosen[i] = static_cast<uint32_t>(collided ? base + i : t[i]);
-  }
+  for (size_t i = size_t{blockIdx.x} * blockDim.x + threadIdx.x; i < k; i += stride)
+    chosen[i] = FloydChoice(i, t, dup, n, k);
 }
 
 // Values x[idx[i]] * f, with x86's NaN propagation (the NaN operand, made quiet).
@@ -1180,3 +1189,23 @@ Status SparseDecode(const GpuCodec::Config& c, const uint8_t* in, size_t in_byte
 }
 
 }  // namespace zipwire::kernels::cuda
+
+namespace zipwire::kernels::cuda::testing {
+std::vector<uint32_t> RandomkIndices(uint64_t seed, uint64_t tensor, uint32_t chunk, uint64_t step, size_t n,
+                                     size_t k) {
+  // The kernels' steps, run on the host: draws, a stable sort of (t, step),
+  // the duplicate flags, FloydChoice, ascending order.
+  const DevPhilox ph = MakePhilox(seed, tensor, chunk, step, 3);
+  std::vector<uint32_t> t(k), order(k), dup(k), chosen(k);
+  for (size_t i = 0; i < k; ++i) {
+    const uint64_t u = PhiloxU32(ph, i);
+    t[i] = static_cast<uint32_t>((u * (n - k + i + 1)) >> 32);
+    order[i] = static_cast<uint32_t>(i);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return t[a] < t[b]; });
+  for (size_t q = 0; q < k; ++q) dup[order[q]] = q > 0 && t[order[q]] == t[order[q - 1]] ? 1u : 0u;
+  for (size_t i = 0; i < k; ++i) chosen[i] = FloydChoice(i, t.data(), dup.data(), n, k);
+  std::sort(chosen.begin(), chosen.end());
+  return chosen;
+}
+}  // namespace zipwire::kernels::cuda::testing

@@ -2,7 +2,9 @@
 // that need no GPU (the device runs the very same functions).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace zipwire::kernels::cuda::testing {
 
@@ -10,5 +12,10 @@ namespace zipwire::kernels::cuda::testing {
 // the kernels compute it.
 uint32_t PhiloxDraw(uint64_t seed, uint64_t tensor, uint32_t chunk, uint64_t step, uint32_t purpose,
                     uint64_t position);
+
+// randomk's k indices of [0, n), ascending, by the kernels' parallel
+// resolution of Floyd's draw (FloydChoice), run on the host.
+std::vector<uint32_t> RandomkIndices(uint64_t seed, uint64_t tensor, uint32_t chunk, uint64_t step, size_t n,
+                                     size_t k);
 
 }  // namespace zipwire::kernels::cuda::testing

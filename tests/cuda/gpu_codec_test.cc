@@ -359,6 +359,31 @@ TEST(GpuCodecApiTest, PhiloxPortMatchesCpu) {
   }
 }
 
+// The parallel resolution of Floyd's draw picks the CPU's indices (read back
+// from a CPU randomk encoding of x_i = i + 1).
+TEST(GpuCodecApiTest, RandomkParallelFloydMatchesCpu) {
+  for (size_t n : {size_t{1}, size_t{2}, size_t{31}, size_t{4097}, size_t{100000}}) {
+    for (size_t k : {size_t{1}, (n + 99) / 100, n / 2, n}) {
+      if (k == 0) continue;
+      auto cpu = CreateCodec("randomk:" + std::to_string(k));
+      ASSERT_TRUE(cpu.ok());
+      std::vector<float> x(n);
+      for (size_t i = 0; i < n; ++i) x[i] = static_cast<float>(i + 1);
+      const CodecContext ctx{11, 22, 3, 44};
+      std::vector<uint8_t> buf((*cpu)->MaxCompressedBytes(n));
+      auto bytes = (*cpu)->Compress(x, buf, ctx);
+      ASSERT_TRUE(bytes.ok());
+      std::vector<uint32_t> want;
+      for (size_t i = 0; i < k; ++i) {
+        float v;
+        std::memcpy(&v, buf.data() + 32 + 40 + 4 * i, 4);
+        want.push_back(static_cast<uint32_t>(v) - 1);
+      }
+      EXPECT_EQ(want, testing::RandomkIndices(11, 22, 3, 44, n, k)) << "n=" << n << " k=" << k;
+    }
+  }
+}
+
 TEST(GpuCodecApiTest, WorkspaceCreationReportsMissingDevice) {
   const Status gpu = GpuAvailable();
   auto ws = GpuCodecWorkspace::Create(1024);
