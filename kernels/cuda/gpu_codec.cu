@@ -527,10 +527,7 @@ __global__ void TerngradEncodeKernel(float* y_or_x, size_t n, uint8_t* codes, De
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int j = 4 * b + k;
-      const uint32_t xb = __float_as_uint(v[j]);
-      const float a = __uint_as_float(xb & 0x7fffffffu);
-      const uint32_t fire = __fmul_rn(DevUniform(Word(u, k)), scale) < a ? 1u : 0u;
-      const uint32_t code = fire * (1u + (xb >> 31));
+      const uint32_t code = TerngradCodeOf(v[j], scale, Word(u, k));
       word |= code << (2 * j);
       if constexpr (kEf) {
         const uint32_t bits = code == 0 ? 0u : (__float_as_uint(back) ^ ((code >> 1) << 31));
@@ -646,38 +643,12 @@ __global__ void __launch_bounds__(kThreads) DitherEncodeKernel(DitherArgs a) {
   }
   if (first < a.n) {
     const uint4 u = PhiloxBlock(a.ph, first / 4);
-    const float mult = __fdiv_rn(static_cast<float>(s), norm);
-    const float inv = __fdiv_rn(1.0f, norm);
+    const DitherQuant dq = MakeDitherQuant(s, kNatural, norm);
     const float step = __fdiv_rn(norm, static_cast<float>(s));
-    const float below_scale = __uint_as_float((127u + s - 1) << 23);  // 2^(s-1), s <= 32
-    const int32_t min_exp = 1 - static_cast<int32_t>(s);
     for (int j = 0; j < 4; ++j) {
       if (first + j >= a.n) break;
+      const uint32_t l = DitherLevelOf(dq, v[j], DevUniform(Word(u, j)));
       const uint32_t xb = __float_as_uint(v[j]);
-      const float ax = __uint_as_float(xb & 0x7fffffffu);
-      const float uf = DevUniform(Word(u, j));
-      uint32_t l = 0;
-      if (norm != 0.0f) {
-        if constexpr (!kNatural) {
-          const float lv = __fmul_rn(ax, mult);
-          const float sf = static_cast<float>(s);
-          const int32_t fl = __float2int_rz(sf < lv ? sf : lv);
-          const float p = __fsub_rn(lv, static_cast<float>(fl));
-          l = min(static_cast<uint32_t>(fl) + (uf < p ? 1u : 0u), s);
-        } else {
-          const float q = __fmul_rn(ax, inv);
-          const float r = 1.0f < q ? 1.0f : q;
-          const uint32_t rb = __float_as_uint(r);
-          const int32_t e = static_cast<int32_t>(rb >> 23) - 127;
-          const float f = __fmul_rn(static_cast<float>(rb & 0x7fffffu), 0x1p-23f);
-          if (e >= min_exp) {
-            l = static_cast<uint32_t>(static_cast<int32_t>(s) + e) + (uf < f ? 1u : 0u);
-          } else {
-            l = uf < __fmul_rn(r, below_scale) ? 1u : 0u;
-          }
-          l = min(l, s);
-        }
-      }
       const uint32_t code = l == 0 ? 0u : (l << 1 | xb >> 31);
       const uint32_t bit = (4 * lane + j) * w;
       const uint32_t sh = bit & 31;
@@ -1038,5 +1009,22 @@ namespace zipwire::kernels::cuda::testing {
 uint32_t PhiloxDraw(uint64_t seed, uint64_t tensor, uint32_t chunk, uint64_t step, uint32_t purpose,
                     uint64_t position) {
   return PhiloxU32(MakePhilox(seed, tensor, chunk, step, purpose), position);
+}
+}  // namespace zipwire::kernels::cuda::testing
+
+namespace zipwire::kernels::cuda::testing {
+std::vector<uint32_t> DitheringCodes(const float* x, size_t n, uint32_t s, bool natural, float norm,
+                                     const CodecContext& ctx) {
+  const DevPhilox ph = MakePhilox(ctx.seed, ctx.tensor_id, ctx.chunk_index, ctx.step, 1);
+  const DitherQuant q = MakeDitherQuant(s, natural, norm);
+  std::vector<uint32_t> codes(n);
+  for (size_t i = 0; i < n; ++i) codes[i] = DitherCodeOf(q, x[i], DevUniform(PhiloxU32(ph, i)));
+  return codes;
+}
+std::vector<uint32_t> TerngradCodes(const float* x, size_t n, float scale, const CodecContext& ctx) {
+  const DevPhilox ph = MakePhilox(ctx.seed, ctx.tensor_id, ctx.chunk_index, ctx.step, 2);
+  std::vector<uint32_t> codes(n);
+  for (size_t i = 0; i < n; ++i) codes[i] = TerngradCodeOf(x[i], scale, PhiloxU32(ph, i));
+  return codes;
 }
 }  // namespace zipwire::kernels::cuda::testing

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "core/status.h"
@@ -145,9 +146,109 @@ __host__ __device__ inline uint32_t PhiloxU32(const DevPhilox& s, uint64_t posit
   return Word(PhiloxBlock(s, position >> 2), static_cast<uint32_t>(position & 3));
 }
 
+// ---- arithmetic shared by the kernels and their host tests --------------------
+// Round-to-nearest float operations: intrinsics on the device (never
+// contracted), plain operations on the host (x86-64 SSE, no FMA).
+__host__ __device__ inline uint32_t BitsOf(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+__host__ __device__ inline float FloatOf(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+__host__ __device__ inline float MulRn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+__host__ __device__ inline float SubRn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+__host__ __device__ inline float DivRn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
 // PhiloxUniform: the top 24 bits through int32, times 2^-24 (exact).
-__device__ inline float DevUniform(uint32_t u) {
-  return __fmul_rn(static_cast<float>(static_cast<int32_t>(u >> 8)), 0x1p-24f);
+__host__ __device__ inline float DevUniform(uint32_t u) {
+  return MulRn(static_cast<float>(static_cast<int32_t>(u >> 8)), 0x1p-24f);
+}
+
+// terngrad's code of x against scale: 01 +scale, 10 -scale, 00 zero.
+__host__ __device__ inline uint32_t TerngradCodeOf(float x, float scale, uint32_t u) {
+  const uint32_t xb = BitsOf(x);
+  const float a = FloatOf(xb & 0x7fffffffu);
+  const uint32_t fire = MulRn(DevUniform(u), scale) < a ? 1u : 0u;
+  return fire * (1u + (xb >> 31));
+}
+
+// dithering's quantiser (kernels/codec_dithering.cc Quantise), per element.
+struct DitherQuant {
+  uint32_t s;
+  bool natural;
+  float norm, mult, inv, below_scale;
+  int32_t min_exp;
+};
+__host__ __device__ inline DitherQuant MakeDitherQuant(uint32_t s, bool natural, float norm) {
+  DitherQuant q;
+  q.s = s;
+  q.natural = natural;
+  q.norm = norm;
+  q.mult = DivRn(static_cast<float>(s), norm);
+  q.inv = DivRn(1.0f, norm);
+  q.below_scale = natural ? FloatOf((127u + s - 1) << 23) : 0.0f;  // 2^(s-1), s <= 32
+  q.min_exp = 1 - static_cast<int32_t>(s);
+  return q;
+}
+// The level l in [0, s] of x for the uniform draw uf.
+__host__ __device__ inline uint32_t DitherLevelOf(const DitherQuant& q, float x, float uf) {
+  if (q.norm == 0.0f) return 0;
+  const float ax = FloatOf(BitsOf(x) & 0x7fffffffu);
+  const uint32_t s = q.s;
+  if (!q.natural) {
+    const float lv = MulRn(ax, q.mult);
+    const float sf = static_cast<float>(s);
+    const int32_t fl = static_cast<int32_t>(sf < lv ? sf : lv);  // truncation, as the CPU's cast
+    const float p = SubRn(lv, static_cast<float>(fl));
+    const uint32_t l = static_cast<uint32_t>(fl) + (uf < p ? 1u : 0u);
+    return l < s ? l : s;
+  }
+  const float r0 = MulRn(ax, q.inv);
+  const float r = 1.0f < r0 ? 1.0f : r0;
+  const uint32_t rb = BitsOf(r);
+  const int32_t e = static_cast<int32_t>(rb >> 23) - 127;
+  const float f = MulRn(static_cast<float>(rb & 0x7fffffu), 0x1p-23f);
+  uint32_t l;
+  if (e >= q.min_exp) {
+    l = static_cast<uint32_t>(static_cast<int32_t>(s) + e) + (uf < f ? 1u : 0u);
+  } else {
+    l = uf < MulRn(r, q.below_scale) ? 1u : 0u;
+  }
+  return l < s ? l : s;
+}
+__host__ __device__ inline uint32_t DitherCodeOf(const DitherQuant& q, float x, float uf) {
+  const uint32_t l = DitherLevelOf(q, x, uf);
+  return l == 0 ? 0u : (l << 1 | BitsOf(x) >> 31);
 }
 
 // ---- bytes ---------------------------------------------------------------------

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cctype>
 #include <cmath>
 #include <cstring>
@@ -18,6 +19,7 @@
 
 #include "kernels/codec.h"
 #include "kernels/cuda/gpu_codec.h"
+#include "kernels/cuda/gpu_launch.h"
 #include "kernels/cuda/gpu_testing.h"
 #include "kernels/philox.h"
 #include "kernels/error_feedback.h"
@@ -381,6 +383,55 @@ TEST(GpuCodecApiTest, RandomkParallelFloydMatchesCpu) {
       }
       EXPECT_EQ(want, testing::RandomkIndices(11, 22, 3, 44, n, k)) << "n=" << n << " k=" << k;
     }
+  }
+}
+
+// The kernels' per-element quantisers (run on the host) give the codes in the
+// CPU encodings, for the norm / scale the CPU put on the wire.
+TEST(GpuCodecApiTest, DitheringAndTerngradQuantisersMatchCpu) {
+  const CodecContext ctx{3, 1, 4, 159};
+  for (size_t n : {size_t{33}, size_t{4097}, size_t{100003}}) {
+    std::vector<float> x = Normal(n, static_cast<uint32_t>(n));
+    x[n / 3] = 0.0f;
+    x[n / 2] = -0.0f;
+    x[n - 1] = 1e-30f;  // deep below the natural levels
+    for (const char* spec : {"dithering:s=16", "dithering:s=1", "dithering:s=7,levels=natural",
+                             "dithering:s=32,levels=natural", "dithering:s=255,norm=max", "dithering:s=65535",
+                             "dithering:s=3,levels=natural,norm=max"}) {
+      auto cpu = CreateCodec(spec);
+      ASSERT_TRUE(cpu.ok()) << spec;
+      auto gpu = GpuCodec::Create(spec);
+      ASSERT_TRUE(gpu.ok());
+      const GpuCodec::Config& c = (*gpu)->config();
+      std::vector<uint8_t> buf((*cpu)->MaxCompressedBytes(n));
+      ASSERT_TRUE((*cpu)->Compress(x, buf, ctx).ok());
+      float norm;
+      std::memcpy(&norm, buf.data() + 32, 4);
+      const uint32_t w = static_cast<uint32_t>(std::bit_width(c.s)) + 1;
+      const std::vector<uint32_t> codes = testing::DitheringCodes(x.data(), n, c.s, c.natural, norm, ctx);
+      size_t mismatches = 0, first = n;
+      for (size_t i = 0; i < n; ++i) {
+        uint64_t v = 0;
+        const size_t bit = i * w;
+        for (size_t b = 0; b < 4 && 36 + bit / 8 + b < buf.size(); ++b) v |= uint64_t{buf[36 + bit / 8 + b]} << (8 * b);
+        const uint32_t want = static_cast<uint32_t>((v >> (bit % 8)) & ((1u << w) - 1));
+        if (want != codes[i]) {
+          ++mismatches;
+          first = std::min(first, i);
+        }
+      }
+      EXPECT_EQ(mismatches, 0u) << spec << " n=" << n << ", first at " << first;
+    }
+    auto tern = CreateCodec("terngrad");
+    ASSERT_TRUE(tern.ok());
+    std::vector<uint8_t> buf((*tern)->MaxCompressedBytes(n));
+    ASSERT_TRUE((*tern)->Compress(x, buf, ctx).ok());
+    float scale;
+    std::memcpy(&scale, buf.data() + 32, 4);
+    const std::vector<uint32_t> codes = testing::TerngradCodes(x.data(), n, scale, ctx);
+    size_t mismatches = 0;
+    for (size_t i = 0; i < n; ++i) mismatches += ((buf[36 + i / 4] >> (2 * (i % 4))) & 3u) != codes[i];
+    EXPECT_EQ(mismatches, 0u) << "terngrad n=" << n;
   }
 }
 
