@@ -341,6 +341,23 @@ ucs_log_func_rc_t QuietUcxErrors(const char*, unsigned, const char*, ucs_log_lev
   return g_quiet_ucx_errors && level <= UCS_LOG_LEVEL_WARN ? UCS_LOG_FUNC_RC_STOP : UCS_LOG_FUNC_RC_CONTINUE;
 }
 
+// UCX parses a worker address trusting it (ucp_address_unpack asserts, i.e.
+// aborts the process, on an unknown address version), so what a peer sent
+// is checked first as far as its format is known outside UCX: long enough
+// for the header byte and the worker's 64-bit uuid, and the same address
+// format version (the header's low four bits) as our own UCX writes.
+constexpr size_t kMinWorkerAddressBytes = 9;
+Status CheckWorkerAddress(std::span<const uint8_t> peer, std::span<const uint8_t> own, const std::string& who) {
+  if (peer.size() < kMinWorkerAddressBytes) {
+    return Corrupt(who + " sent a ucp worker address of " + std::to_string(peer.size()) + " bytes");
+  }
+  if ((peer[0] & 0x0f) != (own[0] & 0x0f)) {
+    return Corrupt(who + " sent a ucp worker address of format version " + std::to_string(peer[0] & 0x0f) +
+                   ", ours is " + std::to_string(own[0] & 0x0f) + " (a different UCX, or not an address)");
+  }
+  return Status::Ok();
+}
+
 using internal::CompletionRing;
 
 class UcxBackend;
@@ -856,6 +873,7 @@ void UcxBackend::ServeHandshake(Fd sock, const std::string& address) {
     ZW_LOG(kWarn, "ucx: dropping connection from " << address << ": " << st.message());
     return;
   }
+  if (Status st = CheckWorkerAddress(peer_worker, worker_address_, who); !st.ok()) return refuse(st.message());
   Conn* c = nullptr;
   {
     std::lock_guard lk(mu_);
@@ -920,7 +938,8 @@ Status UcxBackend::ClientHandshake(int fd, PeerId peer, const std::string& addre
   if (answer.bytes == 0) return Corrupt(who + " sent an empty worker address");
   *peer_errors = (answer.flags & kFlagPeerErrors) != 0;
   peer_worker->resize(answer.bytes);
-  return ReadAll(fd, peer_worker->data(), peer_worker->size(), deadline, who);
+  ZW_RETURN_IF_ERROR(ReadAll(fd, peer_worker->data(), peer_worker->size(), deadline, who));
+  return CheckWorkerAddress(*peer_worker, worker_address_, who);
 }
 
 Status UcxBackend::Connect(PeerId peer, const std::string& address) {
