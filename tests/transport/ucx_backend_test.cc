@@ -212,8 +212,7 @@ TEST(UcxHandshakeTest, ServerDyingMidHandshakeIsAClearError) {
   const auto t0 = Clock::now();
   Status st = client->Connect(1, fake.address());
   EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st.ToString();
-  EXPECT_NE(st.message().find("during the ucx handshake"), std::string::npos)
-      << st.ToString();
+  EXPECT_NE(st.message().find("during the ucx handshake"), std::string::npos) << st.ToString();
   EXPECT_NE(st.message().find(fake.address()), std::string::npos) << st.ToString();
   EXPECT_LT(Clock::now() - t0, 4s) << "a dead peer is final, not retried until the timeout";
 }
@@ -229,15 +228,17 @@ TEST(UcxHandshakeTest, SilentServerTimesOut) {
 
 TEST(UcxHandshakeTest, LyingServerIsRefused) {
   {  // Not our magic.
-    FakeServer fake([](asio::ip::tcp::socket& s) { asio::write(s, asio::buffer(Header(1, kVersion, 0, 8))); });
+    FakeServer fake(
+        [](asio::ip::tcp::socket& s) { asio::write(s, asio::buffer(Header(1, kVersion, 0, 8))); });
     auto client = MakeUcx(0, 2000ms);
     ASSERT_TRUE(client);
     Status st = client->Connect(1, fake.address());
     EXPECT_EQ(st.code(), StatusCode::kCorrupt) << st.ToString();
   }
   {  // An address far too large to be one: refused before it is read.
-    FakeServer fake(
-        [](asio::ip::tcp::socket& s) { asio::write(s, asio::buffer(Header(kMagic, kVersion, 0, 1u << 31))); });
+    FakeServer fake([](asio::ip::tcp::socket& s) {
+      asio::write(s, asio::buffer(Header(kMagic, kVersion, 0, 1u << 31)));
+    });
     auto client = MakeUcx(0, 2000ms);
     ASSERT_TRUE(client);
     Status st = client->Connect(1, fake.address());
