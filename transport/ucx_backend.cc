@@ -438,8 +438,12 @@ struct Conn {
 class UcxBackend final : public Backend {
  public:
   UcxBackend(const BackendOptions& options, std::chrono::microseconds spin,
-             std::chrono::microseconds idle_progress)
-      : options_(options), spin_(spin), idle_progress_(idle_progress), self_(options.self) {
+             std::chrono::microseconds idle_progress, bool want_peer_errors)
+      : options_(options),
+        spin_(spin),
+        idle_progress_(idle_progress),
+        want_peer_errors_(want_peer_errors),
+        self_(options.self) {
     caps_.name = "ucx";
     caps_.supports_write_imm = true;
     caps_.supports_remote = true;
@@ -553,6 +557,7 @@ class UcxBackend final : public Backend {
   BackendOptions options_;
   std::chrono::microseconds spin_;
   std::chrono::microseconds idle_progress_;
+  bool want_peer_errors_;
   Capabilities caps_;
   std::atomic<PeerId> self_;
   bool cuda_ = false;  // this UCX build handles CUDA memory
@@ -651,7 +656,7 @@ Status UcxBackend::Init() {
   if (worker_address_.empty() || worker_address_.size() > kMaxWorkerAddressBytes) {
     return Internal("ucp worker address of " + std::to_string(worker_address_.size()) + " bytes");
   }
-  peer_errors_ = ProbePeerErrors();
+  peer_errors_ = want_peer_errors_ && ProbePeerErrors();
 
   struct Handler {
     unsigned id;
@@ -2098,8 +2103,10 @@ Result<std::unique_ptr<Backend>> CreateUcxBackend(const BackendOptions& options)
   ZW_ASSIGN_OR_RETURN(uint64_t spin_us, EnvUint("UCX_SPIN_US", 50));
   ZW_ASSIGN_OR_RETURN(uint64_t idle_us, EnvUint("UCX_IDLE_PROGRESS_US", 1000));
   if (idle_us == 0) return InvalidArgument("ZIPWIRE_UCX_IDLE_PROGRESS_US must be positive");
+  ZW_ASSIGN_OR_RETURN(uint64_t peer_errors, EnvUint("UCX_PEER_ERRORS", 1));
+  if (peer_errors > 1) return InvalidArgument("ZIPWIRE_UCX_PEER_ERRORS must be 0 or 1");
   auto backend = std::make_unique<UcxBackend>(options, std::chrono::microseconds(spin_us),
-                                              std::chrono::microseconds(idle_us));
+                                              std::chrono::microseconds(idle_us), peer_errors == 1);
   ZW_RETURN_IF_ERROR(backend->Init());
   return std::unique_ptr<Backend>(std::move(backend));
 }

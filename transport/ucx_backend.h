@@ -33,6 +33,12 @@
 //   ZIPWIRE_UCX_IDLE_PROGRESS_US (default 1000): how long the backend may sit
 //     without Poll / post activity before a fallback thread makes progress
 //     (acks, incoming data) on the owner's behalf.
+//   ZIPWIRE_UCX_PEER_ERRORS (default 1): 1 gives endpoints UCX's peer-failure
+//     handling where the transports allow it, which keeps lanes without it
+//     (posix / sysv / cma) out of use; 0 creates them without, so that with
+//     the default UCX_TLS UCX may put same-host peers on shared memory. Lost
+//     peers show through the liveness socket either way. A server's setting
+//     decides for the connections it accepts.
 #pragma once
 
 #include <cstddef>
