@@ -16,17 +16,35 @@
 //    exchange, and stale keys are refused because keys are never reused.
 //  * Latency: one message (data + immediate) instead of put + fence + AM.
 //
-// Protocol (UCP AM ids; headers in host byte order: UCX itself assumes peers
-// of one architecture). Every message is sent with UCP_AM_SEND_FLAG_REPLY so
-// the receiver learns the endpoint it came from (never a claimed rank).
+// Connection setup: UCX 1.13's client-server path (ucp_listener) only ever
+// picks tcp lanes, so shared memory (posix / sysv / cma) could not be used.
+// Instead each backend listens on a small TCP socket of its own and two
+// peers swap their ucp worker addresses over it; both then create an
+// endpoint with UCP_EP_PARAM_FIELD_REMOTE_ADDRESS, so UCX chooses lanes from
+// everything UCX_TLS / UCX_NET_DEVICES allow. UCX pairs the two endpoints
+// (its wireup matches them by connection sequence number), so a message's
+// reply_ep is the receiver's own endpoint for that peer.
 //
-//   HELLO 1  client -> server, once: {u64 magic "ZWUCX\0v1", u32 version=1,
-//            u32 rank}. The server refuses an invalid or duplicate rank by
-//            closing the endpoint (the client's operations then fail with
-//            kPeerClosed), else reports kPeerConnected(rank).
-//   WRITE 2  {u64 ack, u64 key, u64 offset, u32 imm, u32 0} + payload.
-//   SEND  3  {u64 ack} + payload (at most kUcxMaxControlBytes).
-//   ACK   4  {u64 ack, u64 nack_seq, u32 code, u32 0}.
+//   client -> server  {u64 magic "ZWUCXhs2", u32 version, u32 rank,
+//                      u32 address_bytes, u32 0} + worker address
+//   server -> client  {u64 magic, u32 version, u32 code (0 accepted, else
+//                      refused), u32 bytes, u32 0} + worker address, or the
+//                      refusal's reason as text
+//
+// Every length is checked before anything is read into a buffer, every read
+// and write has a deadline, and a peer that hangs up mid-handshake is named.
+// The server creates its endpoint and reports kPeerConnected before it
+// answers, so nothing the client sends can arrive before the server knows it.
+//
+// Data protocol (UCP AM ids; headers in host byte order: UCX itself assumes
+// peers of one architecture). Every message is sent with
+// UCP_AM_SEND_FLAG_REPLY so the receiver learns the endpoint it came from.
+//
+//   WRITE     2  {u64 ack, u64 key, u64 offset, u32 imm, u32 0} + payload.
+//   SEND      3  {u64 ack} + payload (at most kUcxMaxControlBytes).
+//   ACK       4  {u64 ack, u64 nack_seq, u32 code, u32 0}.
+//   READ_REQ  5  {u64 id, u64 key, u64 offset, u64 length}, no payload.
+//   READ_RESP 6  {u64 id, u32 code, u32 0} + the bytes (none if refused).
 //
 // Data messages (WRITE, SEND) are numbered 1, 2, ... per connection and
 // direction in posting order; UCX delivers one endpoint's messages in order.
@@ -41,22 +59,34 @@
 // order, once the ack covers the operation and UCX has released the source
 // buffer: as with RDMA RC and the tcp backend, a completion means the target
 // accepted the bytes.
+//
+// Reads (numbered 1, 2, ... per connection) are served in arrival order, and
+// behind any write still landing, so a read sees the writes posted before
+// it. The target checks key and range against its own table, as for writes,
+// and answers with the bytes straight from the registered region (a
+// rendezvous for large ones: UCX moves them zero-copy); the initiator places
+// them into its registered range and reports kReadDone. The target reports
+// nothing.
 #include "transport/ucx_backend.h"
 
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <ucp/api/ucp.h>
+#include <ucs/debug/log_def.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdarg>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -77,22 +107,30 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-enum AmId : unsigned { kAmHello = 1, kAmWrite = 2, kAmSend = 3, kAmAck = 4 };
+enum AmId : unsigned { kAmWrite = 2, kAmSend = 3, kAmAck = 4, kAmReadReq = 5, kAmReadResp = 6 };
 enum NackCode : uint32_t { kNackUnknownKey = 1, kNackOutOfRange = 2, kNackNeedsRendezvous = 3 };
 
-constexpr uint64_t kHelloMagic = 0x317600584355575aull;  // "ZWUCX\0v1" little-endian
-constexpr uint32_t kWireVersion = 1;
+constexpr uint64_t kHandshakeMagic = 0x3273686b58435557ull;  // "WUCXkhs2" little-endian
+constexpr uint32_t kWireVersion = 2;
+constexpr uint32_t kHandshakeAccepted = 0;
+constexpr uint32_t kHandshakeRefused = 1;
+constexpr uint32_t kFlagPeerErrors = 1;
+constexpr size_t kHandshakeHdrBytes = 24;
+// A worker address is a few hundred bytes (one entry per transport and
+// device); anything far above that is not one.
+constexpr uint32_t kMaxWorkerAddressBytes = 64 << 10;
+constexpr uint32_t kMaxRefusalBytes = 1024;
+// The server answers one handshake at a time; one peer that stalls holds the
+// others back at most this long (or connect_timeout, if shorter).
+constexpr auto kServerHandshakeTimeout = std::chrono::milliseconds(5000);
 // The target acks at least this often while it keeps receiving, so a sender
 // with a deep queue is never starved of completions by a busy receiver.
 constexpr uint64_t kAckEvery = 32;
 constexpr int kMaxProgressRounds = 64;
 constexpr auto kMaxSleepSlice = std::chrono::milliseconds(100);
+// DeregisterMemory waits at most this long for peers' reads of the region.
+constexpr auto kDeregisterReadWait = std::chrono::milliseconds(2000);
 
-struct HelloHdr {
-  uint64_t magic;
-  uint32_t version;
-  uint32_t rank;
-};
 struct WriteHdr {
   uint64_t ack;
   uint64_t key;
@@ -109,9 +147,20 @@ struct AckHdr {
   uint32_t code;
   uint32_t reserved;
 };
+struct ReadReqHdr {
+  uint64_t id;
+  uint64_t key;
+  uint64_t offset;
+  uint64_t length;
+};
+struct ReadRespHdr {
+  uint64_t id;
+  uint32_t code;
+  uint32_t reserved;
+};
 constexpr size_t kMaxHdrBytes = 32;
 static_assert(sizeof(WriteHdr) <= kMaxHdrBytes && sizeof(AckHdr) <= kMaxHdrBytes &&
-              sizeof(HelloHdr) <= kMaxHdrBytes);
+              sizeof(ReadReqHdr) <= kMaxHdrBytes && sizeof(ReadRespHdr) <= kMaxHdrBytes);
 
 using internal::RangeInside;
 
@@ -158,25 +207,177 @@ Status Resolve(const std::string& host, const std::string& port, bool passive, s
   return Status::Ok();
 }
 
+// ---------------------------------------------------------------------------
+// Handshake socket I/O: non-blocking, every wait bounded by `deadline`.
+
+using internal::GetLE;
+using internal::PutLE;
+
+// A file descriptor closed when it goes out of scope.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  Fd& operator=(Fd&& o) noexcept {
+    if (this != &o) {
+      Reset();
+      fd_ = std::exchange(o.fd_, -1);
+    }
+    return *this;
+  }
+  ~Fd() { Reset(); }
+  int get() const { return fd_; }
+  int Release() { return std::exchange(fd_, -1); }
+  void Reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+int MsLeft(Clock::time_point deadline) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+  return static_cast<int>(std::clamp<int64_t>(left, 0, 1000000));
+}
+
+// Waits for `events` on fd; false at the deadline.
+bool WaitFd(int fd, short events, Clock::time_point deadline) {
+  while (true) {
+    pollfd p{fd, events, 0};
+    int rc = ::poll(&p, 1, MsLeft(deadline));
+    if (rc > 0) return true;
+    if (rc == 0) return false;
+    if (errno != EINTR) return true;  // let the read / write report it
+  }
+}
+
+Status WriteAll(int fd, const uint8_t* p, size_t n, Clock::time_point deadline, const std::string& who) {
+  while (n > 0) {
+    ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL);
+    if (w > 0) {
+      p += w;
+      n -= static_cast<size_t>(w);
+      continue;
+    }
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (!WaitFd(fd, POLLOUT, deadline)) return Timeout(who + " stalled during the ucx handshake");
+      continue;
+    }
+    return Unavailable(who + " went away during the ucx handshake: " + std::strerror(errno));
+  }
+  return Status::Ok();
+}
+
+Status ReadAll(int fd, uint8_t* p, size_t n, Clock::time_point deadline, const std::string& who) {
+  while (n > 0) {
+    ssize_t r = ::recv(fd, p, n, 0);
+    if (r > 0) {
+      p += r;
+      n -= static_cast<size_t>(r);
+      continue;
+    }
+    if (r == 0) return Unavailable(who + " closed the connection during the ucx handshake");
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      if (!WaitFd(fd, POLLIN, deadline)) return Timeout("no answer from " + who + " during the ucx handshake");
+      continue;
+    }
+    return Unavailable(who + " went away during the ucx handshake: " + std::strerror(errno));
+  }
+  return Status::Ok();
+}
+
+struct HandshakeHdr {
+  uint64_t magic = kHandshakeMagic;
+  uint32_t version = kWireVersion;
+  uint32_t word = 0;   // client: its rank; server: accepted / refused
+  uint32_t bytes = 0;  // what follows
+  uint32_t flags = 0;  // server: kFlagPeerErrors if its endpoint has UCX peer-failure handling
+};
+
+std::vector<uint8_t> EncodeHandshake(const HandshakeHdr& h, std::span<const uint8_t> body) {
+  // Sized once and filled in place (gcc 12 flags insert() here with a bogus -Warray-bounds).
+  std::vector<uint8_t> out(kHandshakeHdrBytes + body.size(), 0);
+  PutLE<uint64_t>(out.data(), h.magic);
+  PutLE<uint32_t>(out.data() + 8, h.version);
+  PutLE<uint32_t>(out.data() + 12, h.word);
+  PutLE<uint32_t>(out.data() + 16, h.bytes);
+  PutLE<uint32_t>(out.data() + 20, h.flags);
+  if (!body.empty()) std::memcpy(out.data() + kHandshakeHdrBytes, body.data(), body.size());
+  return out;
+}
+
+// Reads and checks a handshake header; `max_bytes` bounds what may follow.
+Result<HandshakeHdr> ReadHandshake(int fd, Clock::time_point deadline, const std::string& who,
+                                   uint32_t max_bytes) {
+  uint8_t raw[kHandshakeHdrBytes];
+  ZW_RETURN_IF_ERROR(ReadAll(fd, raw, sizeof(raw), deadline, who));
+  HandshakeHdr h;
+  h.magic = GetLE<uint64_t>(&raw[0]);
+  h.version = GetLE<uint32_t>(&raw[8]);
+  h.word = GetLE<uint32_t>(&raw[12]);
+  h.bytes = GetLE<uint32_t>(&raw[16]);
+  h.flags = GetLE<uint32_t>(&raw[20]);
+  if (h.magic != kHandshakeMagic) return Corrupt(who + " is not a zipwire ucx backend (bad handshake magic)");
+  if (h.version != kWireVersion) {
+    return Corrupt(who + " speaks ucx wire version " + std::to_string(h.version) + ", expected " +
+                   std::to_string(kWireVersion));
+  }
+  if (h.bytes > max_bytes) {
+    return Corrupt(who + " announced " + std::to_string(h.bytes) + " handshake bytes (at most " +
+                   std::to_string(max_bytes) + ")");
+  }
+  return h;
+}
+
+// UCX logs an ERROR when an endpoint cannot get peer-failure handling; while
+// this thread probes for exactly that, the line is expected and dropped.
+thread_local bool g_quiet_ucx_errors = false;
+ucs_log_func_rc_t QuietUcxErrors(const char*, unsigned, const char*, ucs_log_level_t level,
+                                 const ucs_log_component_config_t*, const char*, va_list) {
+  return g_quiet_ucx_errors && level <= UCS_LOG_LEVEL_WARN ? UCS_LOG_FUNC_RC_STOP : UCS_LOG_FUNC_RC_CONTINUE;
+}
+
+// UCX parses a worker address trusting it (ucp_address_unpack asserts, i.e.
+// aborts the process, on an unknown address version), so what a peer sent
+// is checked first as far as its format is known outside UCX: long enough
+// for the header byte and the worker's 64-bit uuid, and the same address
+// format version (the header's low four bits) as our own UCX writes.
+constexpr size_t kMinWorkerAddressBytes = 9;
+Status CheckWorkerAddress(std::span<const uint8_t> peer, std::span<const uint8_t> own, const std::string& who) {
+  if (peer.size() < kMinWorkerAddressBytes) {
+    return Corrupt(who + " sent a ucp worker address of " + std::to_string(peer.size()) + " bytes");
+  }
+  if ((peer[0] & 0x0f) != (own[0] & 0x0f)) {
+    return Corrupt(who + " sent a ucp worker address of format version " + std::to_string(peer[0] & 0x0f) +
+                   ", ours is " + std::to_string(own[0] & 0x0f) + " (a different UCX, or not an address)");
+  }
+  return Status::Ok();
+}
+
 using internal::CompletionRing;
 
 class UcxBackend;
 struct Conn;
 
-enum class OpKind : uint8_t { kWrite, kSend, kCtrl };
+enum class OpKind : uint8_t { kWrite, kSend, kRead, kReadResp, kCtrl };
 
 // One outbound message. Pooled; lives until it is finished (its completion
-// pushed, or for control messages at once) and UCX has released its request.
+// pushed, or for control messages at once) and UCX has released its requests.
 struct Op {
   OpKind kind = OpKind::kCtrl;
-  bool hello = false;
   bool local_done = false;    // UCX no longer needs the source buffer
   bool finished = false;      // its completion went out (or it needs none)
-  bool request_live = false;  // a UCX request still references this op
+  bool request_live = false;  // a UCX send request still references this op
+  bool recv_live = false;     // kRead: a UCX receive into the local range is in flight
   Conn* conn = nullptr;
-  uint64_t seq = 0;
+  uint64_t seq = 0;  // data message number, or read id
   uint64_t context = 0;
-  uint64_t key = 0;  // for refusal messages
+  uint64_t key = 0;  // kWrite: remote key (for messages); kRead / kReadResp: the local region's key
   uint64_t offset = 0;
   uint64_t length = 0;
   Status status;               // OK, or why the target refused it
@@ -186,32 +387,30 @@ struct Op {
 };
 
 // An inbound data message whose completion waits: for its rendezvous bytes,
-// or behind one that does (completions go out in arrival order).
+// or behind one that does (completions go out in arrival order). A read
+// request queued behind a landing write is one too (read_req set).
 struct RxSlot {
   Conn* conn = nullptr;
   uint64_t seq = 0;
   bool ready = false;
   bool request_live = false;
   bool orphaned = false;  // its connection failed; freed by the UCX callback
+  bool read_req = false;
   uint32_t nack = 0;
+  ReadReqHdr read{};
   Completion c;
 };
 
-enum class ConnState : uint8_t {
-  kHandshake,   // passive side, waiting for the client's HELLO
-  kConnecting,  // active side, inside Connect()
-  kOpen,
-  kClosed,
-};
+enum class ConnState : uint8_t { kOpen, kClosed };
 
 struct Conn {
   UcxBackend* backend = nullptr;
   ucp_ep_h ep = nullptr;
   PeerId peer = kInvalidPeer;
   std::string address;
-  ConnState state = ConnState::kHandshake;
+  int sock = -1;  // the handshake socket, kept as a liveness signal; closed by the socket thread
+  ConnState state = ConnState::kOpen;
   Status failure;
-  bool hello_done = false;
   // The application has been handed a completion carrying `failure`; from
   // then on posts fail at once. Before that, a post that races with the
   // failure is accepted and completes with it (as on tcp, where the failure
@@ -222,6 +421,8 @@ struct Conn {
   uint64_t next_seq = 1;
   uint64_t peer_acked = 0;
   std::deque<Op*> unacked;  // posting order
+  uint64_t next_read_id = 1;
+  std::deque<Op*> reads;  // PostReads awaiting their bytes, posting order
 
   // Inbound.
   uint64_t rx_seq = 0;   // data messages seen
@@ -229,6 +430,7 @@ struct Conn {
   uint64_t ack_sent = 0;
   bool ack_queued = false;
   std::deque<RxSlot*> rx_pending;
+  uint64_t read_reqs_seen = 0;
 
   std::string Name() const { return "peer " + std::to_string(peer) + " (" + address + ")"; }
 };
@@ -236,11 +438,11 @@ struct Conn {
 class UcxBackend final : public Backend {
  public:
   UcxBackend(const BackendOptions& options, std::chrono::microseconds spin,
-             std::chrono::microseconds idle_progress, std::chrono::milliseconds connect_grace)
+             std::chrono::microseconds idle_progress, bool want_peer_errors)
       : options_(options),
         spin_(spin),
         idle_progress_(idle_progress),
-        connect_grace_(connect_grace),
+        want_peer_errors_(want_peer_errors),
         self_(options.self) {
     caps_.name = "ucx";
     caps_.supports_write_imm = true;
@@ -249,11 +451,13 @@ class UcxBackend final : public Backend {
     caps_.memory_kinds = {MemoryKind::kHost};
     caps_.max_control_bytes = kUcxMaxControlBytes;
     caps_.max_write_bytes = kUcxMaxWriteBytes;
+    caps_.supports_read = true;
   }
 
   ~UcxBackend() override {
     Close();
     if (wake_fd_ >= 0) ::close(wake_fd_);
+    if (loop_ctl_fd_ >= 0) ::close(loop_ctl_fd_);
     for (RxSlot* s : orphans_) delete s;
   }
 
@@ -267,6 +471,8 @@ class UcxBackend final : public Backend {
   Status DeregisterMemory(const MemoryRegion& region) override;
   Status PostWrite(PeerId peer, const MemoryRegion& local, uint64_t local_offset, const RemoteRegion& remote,
                    uint64_t remote_offset, uint64_t length, uint32_t imm, uint64_t context) override;
+  Status PostRead(PeerId peer, const MemoryRegion& local, uint64_t local_offset, const RemoteRegion& remote,
+                  uint64_t remote_offset, uint64_t length, uint64_t context) override;
   Status PostSend(PeerId peer, std::span<const uint8_t> message, uint64_t context) override;
   size_t Poll(std::span<Completion> out, std::chrono::milliseconds timeout) override;
   void Close() override;
@@ -277,6 +483,7 @@ class UcxBackend final : public Backend {
     size_t length = 0;
     MemoryKind kind = MemoryKind::kHost;
     ucp_mem_h memh = nullptr;
+    uint32_t reads_in_flight = 0;  // peers' reads UCX is still sending from here
   };
 
   // UCX callbacks (run inside ucp_worker_progress, so with mu_ held).
@@ -284,24 +491,35 @@ class UcxBackend final : public Backend {
   static void RecvCb(void* request, ucs_status_t status, size_t length, void* user_data);
   static void CloseCb(void* request, ucs_status_t status, void* user_data);
   static void ErrCb(void* arg, ucp_ep_h ep, ucs_status_t status);
-  static void ConnCb(ucp_conn_request_h request, void* arg);
-  static ucs_status_t HelloCb(void* arg, const void* header, size_t header_length, void* data, size_t length,
-                              const ucp_am_recv_param_t* param);
+  static void ReadRecvCb(void* request, ucs_status_t status, size_t length, void* user_data);
   static ucs_status_t WriteCb(void* arg, const void* header, size_t header_length, void* data, size_t length,
                               const ucp_am_recv_param_t* param);
   static ucs_status_t SendMsgCb(void* arg, const void* header, size_t header_length, void* data,
                                 size_t length, const ucp_am_recv_param_t* param);
   static ucs_status_t AckCb(void* arg, const void* header, size_t header_length, void* data, size_t length,
                             const ucp_am_recv_param_t* param);
+  static ucs_status_t ReadReqCb(void* arg, const void* header, size_t header_length, void* data,
+                                size_t length, const ucp_am_recv_param_t* param);
+  static ucs_status_t ReadRespCb(void* arg, const void* header, size_t header_length, void* data,
+                                 size_t length, const ucp_am_recv_param_t* param);
 
-  static int64_t NowNs() {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
-  }
-  void Touch() { last_activity_ns_.store(NowNs(), std::memory_order_relaxed); }
+  // Marks owner activity for the fallback thread. A counter, not a time
+  // stamp: a clock read costs ~70 ns on kvm-clock, as much as a round of
+  // progress, and the hot paths would pay it on every call.
+  void Touch() { activity_.fetch_add(1, std::memory_order_relaxed); }
   void Wake();
+
+  // Connection setup (handshake socket; takes mu_ itself).
+  bool ProbePeerErrors();
+  void SocketLoop();
+  void KickSocketLoop();
+  void ServeHandshake(Fd sock, const std::string& address);
+  Status ClientHandshake(int fd, PeerId peer, const std::string& address, Clock::time_point deadline,
+                         std::vector<uint8_t>* peer_worker, std::string* refusal, bool* peer_errors);
 
   // Everything below runs with mu_ held.
   Conn* NewConnLocked(PeerId peer, std::string address, ConnState state);
+  Status CreateEpLocked(Conn* c, const std::vector<uint8_t>& worker_address, bool peer_errors);
   Conn* ConnOf(const ucp_am_recv_param_t* param);
   Op* AllocOpLocked(OpKind kind, Conn* c);
   void MaybeFreeOpLocked(Op* op);
@@ -313,6 +531,9 @@ class UcxBackend final : public Backend {
   Status FailedPostLocked(Conn* c, CompletionType type, uint64_t context);
   void PushCompletionLocked(Completion c);
   void FinishOpLocked(Op* op, const Status& status);
+  void FinishReadLocked(Op* op, const Status& status);
+  void ServeReadLocked(Conn* c, const ReadReqHdr& req);
+  void EndServeLocked(Op* op);
   void CompleteFrontLocked(Conn* c);
   bool ApplyAckLocked(Conn* c, uint64_t ack);
   void DrainRxLocked(Conn* c);
@@ -320,18 +541,23 @@ class UcxBackend final : public Backend {
   void FailConnLocked(Conn* c, const Status& status, bool emit_peer_error);
   void ProtocolErrorLocked(Conn* c, const std::string& what);
   void CloseEpLocked(Conn* c, bool force = true);
+  void CloseUcpEpLocked(ucp_ep_h ep, bool force);
+  void RunDeferredClosesLocked();
+  unsigned ProgressOnceLocked();
   bool ProgressLocked();
-  ucs_status_t OnHello(Conn* c, const void* header, size_t header_length);
   ucs_status_t OnData(Conn* c, bool is_write, const void* header, size_t header_length, void* data,
                       size_t length, const ucp_am_recv_param_t* param);
   void OnAck(Conn* c, const void* header, size_t header_length);
+  void OnReadReq(Conn* c, const void* header, size_t header_length, size_t length);
+  ucs_status_t OnReadResp(Conn* c, const void* header, size_t header_length, void* data, size_t length,
+                          const ucp_am_recv_param_t* param);
 
   void FallbackProgressLoop();
 
   BackendOptions options_;
   std::chrono::microseconds spin_;
   std::chrono::microseconds idle_progress_;
-  std::chrono::milliseconds connect_grace_;
+  bool want_peer_errors_;
   Capabilities caps_;
   std::atomic<PeerId> self_;
   bool cuda_ = false;  // this UCX build handles CUDA memory
@@ -342,14 +568,28 @@ class UcxBackend final : public Backend {
   std::condition_variable pollers_cv_;
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;
-  ucp_listener_h listener_ = nullptr;
+  std::vector<uint8_t> worker_address_;  // what peers need to reach this worker
+  Fd listen_sock_;
   std::string listen_address_;
+  // UCX's shared-memory transports have no peer-failure handling: endpoints
+  // that must use them are created without (UCP_ERR_HANDLING_MODE_NONE).
+  // Set once at Init (ProbePeerErrors).
+  bool peer_errors_ = true;
+  // The socket thread: serves handshakes and watches every connection's
+  // handshake socket, kept open as its liveness signal (EOF: the peer's
+  // process exited or its backend closed), which is how a peer's loss shows
+  // on endpoints without UCX peer-failure handling.
+  int loop_ctl_fd_ = -1;
+  std::atomic<bool> loop_stop_{false};
+  std::thread socket_thread_;
   int efd_ = -1;
   int wake_fd_ = -1;
   bool closed_ = false;
   int pollers_ = 0;                    // threads inside Poll
   int sleepers_ = 0;                   // of which asleep on the event fd
   std::unordered_set<void*> closing_;  // endpoint close requests in flight
+  int in_ucx_ = 0;                     // > 0 while UCX may be calling us back
+  std::vector<std::pair<ucp_ep_h, bool>> deferred_close_;  // {ep, force}
   CompletionRing completions_;
   std::unordered_map<uint64_t, Region> regions_;
   uint64_t next_key_ = 1;
@@ -361,7 +601,7 @@ class UcxBackend final : public Backend {
   std::vector<Conn*> ack_dirty_;
   std::unordered_set<RxSlot*> orphans_;
 
-  std::atomic<int64_t> last_activity_ns_{0};
+  std::atomic<uint64_t> activity_{0};
   std::mutex helper_mu_;
   std::condition_variable helper_cv_;
   bool helper_stop_ = false;
@@ -375,6 +615,14 @@ Status UcxBackend::Init() {
   ucp_config_t* config = nullptr;
   ucs_status_t st = ucp_config_read(nullptr, nullptr, &config);
   if (st != UCS_OK) return Unavailable(std::string("ucp_config_read: ") + ucs_status_string(st));
+  // Rendezvous by put (the sender moves the bytes, as with RDMA WRITE)
+  // unless UCX_RNDV_SCHEME says otherwise: with get_zcopy (UCX's "auto" on
+  // cma and tcp) the target copies, so a write waits for the target's
+  // process to be scheduled. Measured with perf/peers_ucx.sh on a loaded
+  // 2-core VM: about 2-3x the shared-memory bandwidth of get_zcopy.
+  if (std::getenv("UCX_RNDV_SCHEME") == nullptr) {
+    ucp_config_modify(config, "RNDV_SCHEME", "put_zcopy");  // best effort: a UCX without it keeps its own
+  }
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_NAME;
   params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
@@ -398,12 +646,24 @@ Status UcxBackend::Init() {
   st = ucp_worker_get_efd(worker_, &efd_);
   if (st != UCS_OK) return Unavailable(std::string("ucp_worker_get_efd: ") + ucs_status_string(st));
 
+  ucp_address_t* address = nullptr;
+  size_t address_length = 0;
+  st = ucp_worker_get_address(worker_, &address, &address_length);
+  if (st != UCS_OK) return Unavailable(std::string("ucp_worker_get_address: ") + ucs_status_string(st));
+  const auto* bytes = reinterpret_cast<const uint8_t*>(address);
+  worker_address_.assign(bytes, bytes + address_length);
+  ucp_worker_release_address(worker_, address);
+  if (worker_address_.empty() || worker_address_.size() > kMaxWorkerAddressBytes) {
+    return Internal("ucp worker address of " + std::to_string(worker_address_.size()) + " bytes");
+  }
+  peer_errors_ = want_peer_errors_ && ProbePeerErrors();
+
   struct Handler {
     unsigned id;
     ucp_am_recv_callback_t cb;
   };
-  for (const Handler& h : {Handler{kAmHello, &HelloCb}, Handler{kAmWrite, &WriteCb},
-                           Handler{kAmSend, &SendMsgCb}, Handler{kAmAck, &AckCb}}) {
+  for (const Handler& h : {Handler{kAmWrite, &WriteCb}, Handler{kAmSend, &SendMsgCb}, Handler{kAmAck, &AckCb},
+                           Handler{kAmReadReq, &ReadReqCb}, Handler{kAmReadResp, &ReadRespCb}}) {
     ucp_am_handler_param_t hp{};
     hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_FLAGS |
                     UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
@@ -417,8 +677,11 @@ Status UcxBackend::Init() {
   }
   wake_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return IoError(std::string("eventfd: ") + std::strerror(errno));
+  loop_ctl_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (loop_ctl_fd_ < 0) return IoError(std::string("eventfd: ") + std::strerror(errno));
   Touch();
   helper_ = std::thread([this] { FallbackProgressLoop(); });
+  socket_thread_ = std::thread([this] { SocketLoop(); });
   return Status::Ok();
 }
 
@@ -426,34 +689,33 @@ Result<std::string> UcxBackend::Listen() {
   Touch();
   std::lock_guard lk(mu_);
   if (closed_) return Cancelled("ucx backend closed");
-  if (listener_) return FailedPrecondition("ucx backend already listening on " + listen_address_);
+  if (listen_sock_.get() >= 0) return FailedPrecondition("ucx backend already listening on " + listen_address_);
   sockaddr_storage ss{};
   socklen_t len = 0;
   const std::string where = options_.listen_host + ":" + std::to_string(options_.listen_port);
   Status rs = Resolve(options_.listen_host, std::to_string(options_.listen_port), true, &ss, &len);
   if (!rs.ok()) return rs.WithContext("cannot listen on " + where);
-  ucp_listener_params_t lp{};
-  lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
-  lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&ss);
-  lp.sockaddr.addrlen = len;
-  lp.conn_handler.cb = &ConnCb;
-  lp.conn_handler.arg = this;
-  ucs_status_t st = ucp_listener_create(worker_, &lp, &listener_);
-  if (st != UCS_OK) {
-    listener_ = nullptr;
-    return Unavailable("cannot listen on " + where + ": " + ucs_status_string(st));
+  Fd sock(::socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (sock.get() < 0) return IoError("cannot listen on " + where + ": socket: " + std::strerror(errno));
+  int one = 1;
+  ::setsockopt(sock.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (::bind(sock.get(), reinterpret_cast<const sockaddr*>(&ss), len) != 0 || ::listen(sock.get(), 128) != 0) {
+    return Unavailable("cannot listen on " + where + ": " + std::strerror(errno));
   }
-  ucp_listener_attr_t la{};
-  la.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
-  st = ucp_listener_query(listener_, &la);
-  if (st != UCS_OK) return Internal(std::string("ucp_listener_query: ") + ucs_status_string(st));
+  sockaddr_storage bound{};
+  socklen_t bound_len = sizeof(bound);
+  if (::getsockname(sock.get(), reinterpret_cast<sockaddr*>(&bound), &bound_len) != 0) {
+    return IoError(std::string("getsockname: ") + std::strerror(errno));
+  }
   uint16_t port = 0;
-  if (la.sockaddr.ss_family == AF_INET) {
-    port = ntohs(reinterpret_cast<const sockaddr_in*>(&la.sockaddr)->sin_port);
-  } else if (la.sockaddr.ss_family == AF_INET6) {
-    port = ntohs(reinterpret_cast<const sockaddr_in6*>(&la.sockaddr)->sin6_port);
+  if (bound.ss_family == AF_INET) {
+    port = ntohs(reinterpret_cast<const sockaddr_in*>(&bound)->sin_port);
+  } else if (bound.ss_family == AF_INET6) {
+    port = ntohs(reinterpret_cast<const sockaddr_in6*>(&bound)->sin6_port);
   }
+  listen_sock_ = std::move(sock);
   listen_address_ = options_.listen_host + ":" + std::to_string(port);
+  KickSocketLoop();
   return listen_address_;
 }
 
@@ -467,34 +729,231 @@ Conn* UcxBackend::NewConnLocked(PeerId peer, std::string address, ConnState stat
   return c;
 }
 
-void UcxBackend::ConnCb(ucp_conn_request_h request, void* arg) {
-  auto* self = static_cast<UcxBackend*>(arg);
-  if (self->closed_) {
-    ucp_listener_reject(self->listener_, request);
-    return;
-  }
-  ucp_conn_request_attr_t attr{};
-  attr.field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR;
-  std::string address = "?";
-  if (ucp_conn_request_query(request, &attr) == UCS_OK) {
-    address = SockaddrString(reinterpret_cast<const sockaddr*>(&attr.client_address));
-  }
-  Conn* c = self->NewConnLocked(kInvalidPeer, address, ConnState::kHandshake);
+Status UcxBackend::CreateEpLocked(Conn* c, const std::vector<uint8_t>& worker_address, bool peer_errors) {
   ucp_ep_params_t ep{};
   ep.field_mask =
-      UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
-  ep.conn_request = request;
-  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+      UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.address = reinterpret_cast<const ucp_address_t*>(worker_address.data());
+  ep.err_mode = peer_errors ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
   ep.err_handler.cb = &ErrCb;
   ep.err_handler.arg = c;
-  ucs_status_t st = ucp_ep_create(self->worker_, &ep, &c->ep);
+  ucs_status_t st = ucp_ep_create(worker_, &ep, &c->ep);
   if (st != UCS_OK) {
-    ZW_LOG(kWarn, "ucx: cannot accept connection from " << address << ": " << ucs_status_string(st));
     c->ep = nullptr;
     c->state = ConnState::kClosed;
+    c->failure = Unavailable(c->Name() + ": ucp_ep_create: " + ucs_status_string(st));
+    return c->failure;
+  }
+  by_ep_[c->ep] = c;
+  if (CurrentLogLevel() >= LogLevel::kDebug) ucp_ep_print_info(c->ep, stderr);  // the lanes UCX chose
+  // A thread asleep in Poll must drive the endpoint's wireup.
+  if (sleepers_ > 0) Wake();
+  return Status::Ok();
+}
+
+// Whether endpoints can have UCX peer-failure handling with the transports
+// UCX_TLS allows, tried on an endpoint to our own worker before any peer's:
+// a failed ucp_ep_create still uses up a connection number, after which UCX
+// would no longer pair that peer's endpoint with ours. Both sides of a
+// connection use the server's choice (handshake flag).
+bool UcxBackend::ProbePeerErrors() {
+  ucp_ep_params_t ep{};
+  ep.field_mask =
+      UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.address = reinterpret_cast<const ucp_address_t*>(worker_address_.data());
+  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  ep.err_handler.cb = [](void*, ucp_ep_h, ucs_status_t) {};
+  ucp_ep_h probe = nullptr;
+  g_quiet_ucx_errors = true;
+  ucs_log_push_handler(&QuietUcxErrors);
+  ucs_status_t st = ucp_ep_create(worker_, &ep, &probe);
+  ucs_log_pop_handler();
+  g_quiet_ucx_errors = false;
+  if (st != UCS_OK) {
+    ZW_LOG(kInfo, "ucx: the transports in use have no peer-failure handling (" << ucs_status_string(st)
+                                                                              << "); a lost peer shows through "
+                                                                                 "its liveness socket");
+    return false;
+  }
+  ucp_request_param_t prm{};
+  prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  ucs_status_ptr_t r = ucp_ep_close_nbx(probe, &prm);
+  if (r != nullptr && !UCS_PTR_IS_ERR(r)) {
+    const auto deadline = Clock::now() + std::chrono::seconds(1);
+    while (ucp_request_check_status(r) == UCS_INPROGRESS && Clock::now() < deadline) {
+      ucp_worker_progress(worker_);
+    }
+    ucp_request_free(r);
+  }
+  return true;
+}
+
+void UcxBackend::KickSocketLoop() {
+  uint64_t one = 1;
+  ssize_t rc = ::write(loop_ctl_fd_, &one, sizeof(one));
+  static_cast<void>(rc);  // EAGAIN: already signalled
+}
+
+// Serves handshakes one at a time (each bounded) and watches the liveness
+// sockets, until Close. The set is rebuilt on every wake-up; wake-ups are
+// rare (a connection made or lost).
+void UcxBackend::SocketLoop() {
+  std::vector<pollfd> fds;
+  std::vector<Conn*> watched;
+  while (!loop_stop_.load()) {
+    fds.assign(1, pollfd{loop_ctl_fd_, POLLIN, 0});
+    watched.clear();
+    int listen_fd = -1;
+    {
+      std::lock_guard lk(mu_);
+      if (closed_) break;
+      listen_fd = listen_sock_.get();
+      if (listen_fd >= 0) fds.push_back({listen_fd, POLLIN, 0});
+      for (auto& c : conns_) {
+        if (c->sock < 0) continue;
+        if (c->state == ConnState::kClosed) {
+          ::close(c->sock);  // the peer learns that we dropped it
+          c->sock = -1;
+          continue;
+        }
+        fds.push_back({c->sock, POLLIN, 0});
+        watched.push_back(c.get());
+      }
+    }
+    int rc = ::poll(fds.data(), fds.size(), -1);
+    if (rc < 0) {
+      if (errno == EINTR) continue;
+      ZW_LOG(kError, "ucx: socket thread: poll: " << std::strerror(errno));
+      return;
+    }
+    if (fds[0].revents != 0) {
+      uint64_t v;
+      ssize_t r = ::read(loop_ctl_fd_, &v, sizeof(v));
+      static_cast<void>(r);
+    }
+    const size_t first_conn = listen_fd >= 0 ? 2 : 1;
+    for (size_t i = first_conn; i < fds.size(); ++i) {
+      if (fds[i].revents == 0) continue;
+      uint8_t byte;
+      ssize_t r = ::recv(fds[i].fd, &byte, 1, MSG_DONTWAIT);
+      if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue;
+      Conn* c = watched[i - first_conn];
+      std::lock_guard lk(mu_);
+      if (closed_ || c->state == ConnState::kClosed) continue;
+      // Whatever the peer sent before it went is taken in first.
+      ProgressLocked();
+      if (c->state == ConnState::kClosed) continue;
+      FailConnLocked(c,
+                     PeerClosed(c->Name() + (r > 0 ? " sent bytes on its liveness socket"
+                                                   : " went away (its process exited or its backend closed)")),
+                     true);
+    }
+    if (listen_fd >= 0 && (fds[1].revents & POLLIN)) {
+      sockaddr_storage from{};
+      socklen_t from_len = sizeof(from);
+      Fd sock(::accept4(listen_fd, reinterpret_cast<sockaddr*>(&from), &from_len, SOCK_NONBLOCK | SOCK_CLOEXEC));
+      if (sock.get() < 0) continue;  // the client gave up, or EMFILE: it retries
+      int one = 1;
+      ::setsockopt(sock.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+      ServeHandshake(std::move(sock), SockaddrString(reinterpret_cast<const sockaddr*>(&from)));
+    }
+  }
+}
+
+void UcxBackend::ServeHandshake(Fd sock, const std::string& address) {
+  const auto deadline =
+      Clock::now() + std::min<Clock::duration>(options_.connect_timeout, kServerHandshakeTimeout);
+  const std::string who = "the client at " + address;
+  auto refuse = [&](const std::string& why) {
+    ZW_LOG(kWarn, "ucx: refusing connection from " << address << ": " << why);
+    const std::string text = why.substr(0, kMaxRefusalBytes);
+    HandshakeHdr h;
+    h.word = kHandshakeRefused;
+    h.bytes = static_cast<uint32_t>(text.size());
+    auto wire = EncodeHandshake(h, {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
+    static_cast<void>(WriteAll(sock.get(), wire.data(), wire.size(), deadline, who));
+  };
+  auto hdr = ReadHandshake(sock.get(), deadline, who, kMaxWorkerAddressBytes);
+  if (!hdr.ok()) {
+    ZW_LOG(kWarn, "ucx: dropping connection from " << address << ": " << hdr.status().message());
+    if (hdr.status().code() == StatusCode::kCorrupt) refuse(hdr.status().message());
     return;
   }
-  self->by_ep_[c->ep] = c;
+  const PeerId rank = hdr->word;
+  if (hdr->bytes == 0) return refuse("empty worker address");
+  std::vector<uint8_t> peer_worker(hdr->bytes);
+  if (Status st = ReadAll(sock.get(), peer_worker.data(), peer_worker.size(), deadline, who); !st.ok()) {
+    ZW_LOG(kWarn, "ucx: dropping connection from " << address << ": " << st.message());
+    return;
+  }
+  if (Status st = CheckWorkerAddress(peer_worker, worker_address_, who); !st.ok()) return refuse(st.message());
+  Conn* c = nullptr;
+  {
+    std::lock_guard lk(mu_);
+    if (closed_) return;
+    if (rank == kInvalidPeer || rank == self_.load()) {
+      return refuse("invalid rank " + std::to_string(rank));
+    }
+    auto it = by_peer_.find(rank);
+    if (it != by_peer_.end() && it->second->state != ConnState::kClosed) {
+      return refuse("duplicate rank " + std::to_string(rank) + " (already connected via " + it->second->address +
+                    ")");
+    }
+    // Endpoint first: whatever the client sends once it has our answer then
+    // finds a connection that knows it.
+    c = NewConnLocked(rank, address, ConnState::kOpen);
+    Status st = CreateEpLocked(c, peer_worker, peer_errors_);
+    if (!st.ok()) return refuse(st.message());
+    by_peer_[rank] = c;
+    Completion up;
+    up.type = CompletionType::kPeerConnected;
+    up.peer = rank;
+    PushCompletionLocked(std::move(up));
+  }
+  HandshakeHdr h;
+  h.word = kHandshakeAccepted;
+  h.bytes = static_cast<uint32_t>(worker_address_.size());
+  {
+    std::lock_guard lk(mu_);
+    h.flags = peer_errors_ ? kFlagPeerErrors : 0;
+  }
+  auto wire = EncodeHandshake(h, worker_address_);
+  Status st = WriteAll(sock.get(), wire.data(), wire.size(), deadline, who);
+  std::lock_guard lk(mu_);
+  if (!st.ok()) {
+    FailConnLocked(c, PeerClosed(c->Name() + ": " + st.message()), true);
+    return;
+  }
+  // This thread watches it from its next round on.
+  c->sock = sock.Release();
+}
+
+// One attempt: hello out, answer in. `refusal` is set if the peer said no.
+Status UcxBackend::ClientHandshake(int fd, PeerId peer, const std::string& address, Clock::time_point deadline,
+                                   std::vector<uint8_t>* peer_worker, std::string* refusal, bool* peer_errors) {
+  const std::string who = "peer " + std::to_string(peer) + " at " + address;
+  HandshakeHdr h;
+  h.word = self_.load();
+  h.bytes = static_cast<uint32_t>(worker_address_.size());
+  auto wire = EncodeHandshake(h, worker_address_);
+  ZW_RETURN_IF_ERROR(WriteAll(fd, wire.data(), wire.size(), deadline, who));
+  ZW_ASSIGN_OR_RETURN(HandshakeHdr answer, ReadHandshake(fd, deadline, who, kMaxWorkerAddressBytes));
+  if (answer.word != kHandshakeAccepted && answer.word != kHandshakeRefused) {
+    return Corrupt(who + " answered the handshake with code " + std::to_string(answer.word));
+  }
+  if (answer.word == kHandshakeRefused) {
+    if (answer.bytes > kMaxRefusalBytes) return Corrupt(who + " sent an oversized refusal");
+    std::string why(answer.bytes, '\0');
+    ZW_RETURN_IF_ERROR(ReadAll(fd, reinterpret_cast<uint8_t*>(why.data()), why.size(), deadline, who));
+    *refusal = why.empty() ? "refused" : why;
+    return Status::Ok();
+  }
+  if (answer.bytes == 0) return Corrupt(who + " sent an empty worker address");
+  *peer_errors = (answer.flags & kFlagPeerErrors) != 0;
+  peer_worker->resize(answer.bytes);
+  ZW_RETURN_IF_ERROR(ReadAll(fd, peer_worker->data(), peer_worker->size(), deadline, who));
+  return CheckWorkerAddress(*peer_worker, worker_address_, who);
 }
 
 Status UcxBackend::Connect(PeerId peer, const std::string& address) {
@@ -514,87 +973,81 @@ Status UcxBackend::Connect(PeerId peer, const std::string& address) {
   socklen_t len = 0;
   Status rs = Resolve(host, address.substr(colon + 1), false, &ss, &len);
   if (!rs.ok()) return rs.WithContext("peer " + std::to_string(peer));
+  auto already = [&]() -> Status {
+    auto it = by_peer_.find(peer);
+    if (it != by_peer_.end() && it->second->state != ConnState::kClosed) {
+      return Status(StatusCode::kAlreadyExists,
+                    "peer " + std::to_string(peer) + " is already connected (" + it->second->address + ")");
+    }
+    return Status::Ok();
+  };
+  {
+    std::lock_guard lk(mu_);
+    if (closed_) return Cancelled("ucx backend closed");
+    ZW_RETURN_IF_ERROR(already());
+  }
 
+  // Retries while nobody listens yet (the peer may still be starting);
+  // anything the peer says or does once connected is final.
   const auto deadline = Clock::now() + options_.connect_timeout;
   std::string last_error = "timed out";
+  Fd sock;
   while (true) {
-    Conn* c = nullptr;
-    {
-      std::lock_guard lk(mu_);
-      if (closed_) return Cancelled("ucx backend closed");
-      auto it = by_peer_.find(peer);
-      if (it != by_peer_.end() && it->second->state != ConnState::kClosed) {
-        return Status(StatusCode::kAlreadyExists,
-                      "peer " + std::to_string(peer) + " is already connected (" + it->second->address + ")");
+    sock = Fd(::socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (sock.get() < 0) return IoError(std::string("socket: ") + std::strerror(errno));
+    int rc = ::connect(sock.get(), reinterpret_cast<const sockaddr*>(&ss), len);
+    int err = rc == 0 ? 0 : errno;
+    if (err == EINPROGRESS) {
+      if (WaitFd(sock.get(), POLLOUT, deadline)) {
+        socklen_t elen = sizeof(err);
+        ::getsockopt(sock.get(), SOL_SOCKET, SO_ERROR, &err, &elen);
+      } else {
+        err = ETIMEDOUT;
       }
-      c = NewConnLocked(peer, address, ConnState::kConnecting);
-      ucp_ep_params_t ep{};
-      ep.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
-                      UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
-      ep.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
-      ep.sockaddr.addr = reinterpret_cast<const sockaddr*>(&ss);
-      ep.sockaddr.addrlen = len;
-      ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-      ep.err_handler.cb = &ErrCb;
-      ep.err_handler.arg = c;
-      ucs_status_t st = ucp_ep_create(worker_, &ep, &c->ep);
-      if (st != UCS_OK) {
-        c->ep = nullptr;
-        c->state = ConnState::kClosed;
-        return Unavailable("cannot connect to peer " + std::to_string(peer) + " at " + address + ": " +
-                           ucs_status_string(st));
-      }
-      by_ep_[c->ep] = c;
-      Op* hello = AllocOpLocked(OpKind::kCtrl, c);
-      hello->hello = true;
-      HelloHdr h{kHelloMagic, kWireVersion, self};
-      std::memcpy(hello->hdr, &h, sizeof(h));
-      hello->hdr_len = sizeof(h);
-      IssueLocked(hello, kAmHello, nullptr, 0, nullptr, MemoryKind::kHost, 0);
     }
-    // The handshake needs the listener's progress. A refused or unreachable
-    // address fails fast; a listener that has not made progress within the
-    // grace period is assumed alive (a later failure fails the operations).
-    // Each attempt gets at least 50 ms to show a refusal.
-    const auto start = Clock::now();
-    const auto attempt_end =
-        std::max(std::min(deadline, start + connect_grace_), start + std::chrono::milliseconds(50));
-    bool connected = false;
-    while (true) {
-      {
-        std::lock_guard lk(mu_);
-        if (closed_) return Cancelled("ucx backend closed");
-        ProgressLocked();
-        if (c->state == ConnState::kClosed && !c->hello_done) {
-          last_error = c->failure.message();
-          break;
-        }
-        const auto now = Clock::now();
-        if (c->hello_done || now >= start + connect_grace_) {
-          // Connected. If the listener already dropped us (e.g. a duplicate
-          // rank), the operations posted next report it.
-          if (c->state != ConnState::kClosed) {
-            if (CurrentLogLevel() >= LogLevel::kDebug) ucp_ep_print_info(c->ep, stderr);  // lanes chosen
-            c->state = ConnState::kOpen;
-          }
-          by_peer_[peer] = c;
-          connected = true;
-        } else if (now >= attempt_end) {
-          FailConnLocked(c, Unavailable("no answer from the listener"), false);
-          last_error = "no answer from the listener";
-          break;
-        }
-      }
-      if (connected) return Status::Ok();
-      std::this_thread::sleep_for(std::chrono::microseconds(100));
-    }
+    if (err == 0) break;
+    last_error = std::strerror(err);
     if (Clock::now() >= deadline) {
       return Unavailable("cannot connect to peer " + std::to_string(peer) + " at " + address + " within " +
                          std::to_string(options_.connect_timeout.count()) + " ms: " + last_error);
     }
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
     std::this_thread::sleep_for(std::min<std::chrono::milliseconds>(left, std::chrono::milliseconds(20)));
+    std::lock_guard lk(mu_);
+    if (closed_) return Cancelled("ucx backend closed");
   }
+  int one = 1;
+  ::setsockopt(sock.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  std::vector<uint8_t> peer_worker;
+  std::string refusal;
+  bool peer_errors = true;
+  Status hs = ClientHandshake(sock.get(), peer, address, deadline, &peer_worker, &refusal, &peer_errors);
+  if (!hs.ok()) {
+    return Status(hs.code() == StatusCode::kCorrupt ? StatusCode::kCorrupt : StatusCode::kUnavailable,
+                  "cannot connect to peer " + std::to_string(peer) + ": " + hs.message());
+  }
+  std::lock_guard lk(mu_);
+  if (closed_) return Cancelled("ucx backend closed");
+  ZW_RETURN_IF_ERROR(already());
+  Conn* c = NewConnLocked(peer, address, ConnState::kOpen);
+  by_peer_[peer] = c;
+  if (!refusal.empty()) {
+    // As on tcp, the connection is made and the refusal shows on the
+    // operations posted to it (e.g. a duplicate rank).
+    ZW_LOG(kWarn, "ucx: " << c->Name() << " refused the connection: " << refusal);
+    c->state = ConnState::kClosed;
+    c->failure = PeerClosed(c->Name() + " refused the connection: " + refusal);
+    return Status::Ok();
+  }
+  // The same error handling as the server's endpoint: UCX pairs only alike ones.
+  Status st = CreateEpLocked(c, peer_worker, peer_errors);
+  if (!st.ok()) {
+    by_peer_.erase(peer);
+    return st;
+  }
+  c->sock = sock.Release();
+  KickSocketLoop();
+  return Status::Ok();
 }
 
 // ---------------------------------------------------------------------------
@@ -634,6 +1087,27 @@ Status UcxBackend::DeregisterMemory(const MemoryRegion& region) {
   if (it == regions_.end() || it->second.addr != region.addr) {
     return NotFound("DeregisterMemory: key " + std::to_string(region.key) + " is not a live registration");
   }
+  if (it->second.reads_in_flight > 0 && worker_) {
+    // UCX is still sending peers' reads from this memory: let them finish
+    // (bounded), then cut off the connections of any that did not, so that
+    // nothing reads the memory once this returns.
+    const auto deadline = Clock::now() + kDeregisterReadWait;
+    while (it->second.reads_in_flight > 0 && Clock::now() < deadline) {
+      if (!ProgressLocked()) std::this_thread::yield();
+      it = regions_.find(region.key);
+    }
+    if (it->second.reads_in_flight > 0) {
+      for (const auto& op : ops_) {
+        if (op->kind == OpKind::kReadResp && op->request_live && op->key == region.key) {
+          FailConnLocked(op->conn,
+                         PeerClosed(op->conn->Name() + ": its read of key " + std::to_string(region.key) +
+                                    " did not finish before the region was deregistered"),
+                         true);
+        }
+      }
+      ProgressLocked();
+    }
+  }
   if (it->second.memh && context_) ucp_mem_unmap(context_, it->second.memh);
   regions_.erase(it);
   return Status::Ok();
@@ -652,10 +1126,10 @@ Op* UcxBackend::AllocOpLocked(OpKind kind, Conn* c) {
     free_ops_.pop_back();
   }
   op->kind = kind;
-  op->hello = false;
   op->local_done = false;
-  op->finished = kind == OpKind::kCtrl;
+  op->finished = kind == OpKind::kCtrl || kind == OpKind::kReadResp;
   op->request_live = false;
+  op->recv_live = false;
   op->conn = c;
   op->seq = 0;
   op->status = Status::Ok();
@@ -663,7 +1137,7 @@ Op* UcxBackend::AllocOpLocked(OpKind kind, Conn* c) {
 }
 
 void UcxBackend::MaybeFreeOpLocked(Op* op) {
-  if (op->finished && !op->request_live) free_ops_.push_back(op);
+  if (op->finished && !op->request_live && !op->recv_live) free_ops_.push_back(op);
 }
 
 // Hands one message to UCX. Data ops are already queued on conn->unacked.
@@ -684,14 +1158,15 @@ void UcxBackend::IssueLocked(Op* op, unsigned id, const void* buffer, size_t len
   ucs_status_ptr_t r = ucp_am_send_nbx(c->ep, id, op->hdr, op->hdr_len, buffer, length, &prm);
   if (r == nullptr) {
     op->local_done = true;
-    if (op->hello) c->hello_done = true;
+    if (op->kind == OpKind::kReadResp) EndServeLocked(op);
     MaybeFreeOpLocked(op);
     return;
   }
   if (UCS_PTR_IS_ERR(r)) {
     op->local_done = true;
     ucs_status_t st = UCS_PTR_STATUS(r);
-    if (op->kind == OpKind::kCtrl) MaybeFreeOpLocked(op);
+    if (op->kind == OpKind::kReadResp) EndServeLocked(op);
+    if (op->kind == OpKind::kCtrl || op->kind == OpKind::kReadResp) MaybeFreeOpLocked(op);
     // The endpoint is broken; its error handler may not have run yet.
     FailConnLocked(c, PeerClosed(c->Name() + ": send failed: " + ucs_status_string(st)), true);
     return;
@@ -745,6 +1220,49 @@ Status UcxBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t lo
   // places even small payloads with UCX's memory-type-aware copies.
   IssueLocked(op, kAmWrite, static_cast<const uint8_t*>(local.addr) + local_offset, length, reg->second.memh,
               reg->second.kind, cuda_ ? UCP_AM_SEND_FLAG_RNDV : 0);
+  return Status::Ok();
+}
+
+Status UcxBackend::PostRead(PeerId peer, const MemoryRegion& local, uint64_t local_offset,
+                            const RemoteRegion& remote, uint64_t remote_offset, uint64_t length,
+                            uint64_t context) {
+  if (!RangeInside(remote_offset, length, remote.length)) {
+    return OutOfRange("PostRead: remote range " + RangeString(remote_offset, length) +
+                      " is outside remote region key " + std::to_string(remote.key) + " of " +
+                      std::to_string(remote.length) + " bytes");
+  }
+  if (length > kUcxMaxWriteBytes) {
+    return InvalidArgument("PostRead of " + std::to_string(length) + " bytes exceeds max_write_bytes " +
+                           std::to_string(kUcxMaxWriteBytes));
+  }
+  Touch();
+  std::lock_guard lk(mu_);
+  if (closed_) return Cancelled("ucx backend closed");
+  auto reg = regions_.find(local.key);
+  if (reg == regions_.end() || reg->second.addr != local.addr || reg->second.length != local.length) {
+    return InvalidArgument("PostRead: local region key " + std::to_string(local.key) +
+                           " is not a live registration of this backend");
+  }
+  if (!RangeInside(local_offset, length, reg->second.length)) {
+    return OutOfRange("PostRead: local range " + RangeString(local_offset, length) +
+                      " is outside local region key " + std::to_string(local.key) + " of " +
+                      std::to_string(reg->second.length) + " bytes");
+  }
+  auto it = by_peer_.find(peer);
+  if (it == by_peer_.end()) return FailedPrecondition("peer " + std::to_string(peer) + " is not connected");
+  Conn* c = it->second;
+  if (c->state == ConnState::kClosed) return FailedPostLocked(c, CompletionType::kReadDone, context);
+  Op* op = AllocOpLocked(OpKind::kRead, c);
+  op->seq = c->next_read_id++;
+  op->context = context;
+  op->key = local.key;
+  op->offset = local_offset;
+  op->length = length;
+  ReadReqHdr h{op->seq, remote.key, remote_offset, length};
+  std::memcpy(op->hdr, &h, sizeof(h));
+  op->hdr_len = sizeof(h);
+  c->reads.push_back(op);
+  IssueLocked(op, kAmReadReq, nullptr, 0, nullptr, MemoryKind::kHost, 0);
   return Status::Ok();
 }
 
@@ -842,7 +1360,9 @@ void UcxBackend::PushCompletionLocked(Completion c) {
 void UcxBackend::FinishOpLocked(Op* op, const Status& status) {
   op->finished = true;
   Completion done;
-  done.type = op->kind == OpKind::kWrite ? CompletionType::kWriteDone : CompletionType::kSendDone;
+  done.type = op->kind == OpKind::kWrite  ? CompletionType::kWriteDone
+              : op->kind == OpKind::kRead ? CompletionType::kReadDone
+                                          : CompletionType::kSendDone;
   done.status = status;
   done.peer = op->conn->peer;
   done.context = op->context;
@@ -878,8 +1398,8 @@ void UcxBackend::SendCb(void* request, ucs_status_t status, void* user_data) {
   UcxBackend* self = c->backend;
   op->request_live = false;
   op->local_done = true;
-  if (op->kind == OpKind::kCtrl) {
-    if (op->hello && status == UCS_OK) c->hello_done = true;
+  if (op->kind == OpKind::kReadResp) self->EndServeLocked(op);
+  if (op->kind == OpKind::kCtrl || op->kind == OpKind::kReadResp) {
     self->MaybeFreeOpLocked(op);
     return;
   }
@@ -891,7 +1411,21 @@ void UcxBackend::SendCb(void* request, ucs_status_t status, void* user_data) {
     self->FailConnLocked(c, PeerClosed(c->Name() + ": send failed: " + ucs_status_string(status)), true);
     return;
   }
-  self->CompleteFrontLocked(c);
+  if (op->kind == OpKind::kWrite || op->kind == OpKind::kSend) self->CompleteFrontLocked(c);
+}
+
+// A read finishes once its bytes are in place (or it failed); reads may
+// finish out of posting order when large ones land at different times.
+void UcxBackend::FinishReadLocked(Op* op, const Status& status) {
+  Conn* c = op->conn;
+  auto it = std::find(c->reads.begin(), c->reads.end(), op);
+  if (it != c->reads.end()) c->reads.erase(it);
+  FinishOpLocked(op, status);
+}
+
+void UcxBackend::EndServeLocked(Op* op) {
+  auto it = regions_.find(op->key);
+  if (it != regions_.end() && it->second.reads_in_flight > 0) --it->second.reads_in_flight;
 }
 
 // ---------------------------------------------------------------------------
@@ -901,14 +1435,6 @@ Conn* UcxBackend::ConnOf(const ucp_am_recv_param_t* param) {
   if (closed_ || !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) return nullptr;
   auto it = by_ep_.find(param->reply_ep);
   return it == by_ep_.end() ? nullptr : it->second;
-}
-
-ucs_status_t UcxBackend::HelloCb(void* arg, const void* header, size_t header_length, void*, size_t,
-                                 const ucp_am_recv_param_t* param) {
-  auto* self = static_cast<UcxBackend*>(arg);
-  Conn* c = self->ConnOf(param);
-  if (c == nullptr) return UCS_OK;
-  return self->OnHello(c, header, header_length);
 }
 
 ucs_status_t UcxBackend::WriteCb(void* arg, const void* header, size_t header_length, void* data,
@@ -935,55 +1461,24 @@ ucs_status_t UcxBackend::AckCb(void* arg, const void* header, size_t header_leng
   return UCS_OK;
 }
 
-ucs_status_t UcxBackend::OnHello(Conn* c, const void* header, size_t header_length) {
-  if (c->state != ConnState::kHandshake) {
-    ProtocolErrorLocked(c, "unexpected hello");
-    return UCS_OK;
-  }
-  HelloHdr h{};
-  std::string bad;
-  if (header_length != sizeof(h)) {
-    bad = "malformed hello";
-  } else {
-    std::memcpy(&h, header, sizeof(h));
-    if (h.magic != kHelloMagic) {
-      bad = "not a zipwire ucx hello";
-    } else if (h.version != kWireVersion) {
-      bad = "wire version " + std::to_string(h.version) + ", expected " + std::to_string(kWireVersion);
-    } else if (h.rank == kInvalidPeer || h.rank == self_.load()) {
-      bad = "invalid rank " + std::to_string(h.rank);
-    } else {
-      auto it = by_peer_.find(h.rank);
-      if (it != by_peer_.end() && it->second->state != ConnState::kClosed) {
-        bad = "duplicate rank " + std::to_string(h.rank) + " (already connected via " + it->second->address +
-              ")";
-      }
-    }
-  }
-  if (!bad.empty()) {
-    ZW_LOG(kWarn, "ucx: dropping connection from " << c->address << ": " << bad);
-    c->state = ConnState::kClosed;
-    c->failure = PeerClosed("refused: " + bad);
-    by_ep_.erase(c->ep);
-    CloseEpLocked(c);
-    return UCS_OK;
-  }
-  c->peer = h.rank;
-  c->state = ConnState::kOpen;
-  by_peer_[h.rank] = c;
-  Completion up;
-  up.type = CompletionType::kPeerConnected;
-  up.peer = h.rank;
-  PushCompletionLocked(std::move(up));
+ucs_status_t UcxBackend::ReadReqCb(void* arg, const void* header, size_t header_length, void*, size_t length,
+                                   const ucp_am_recv_param_t* param) {
+  auto* self = static_cast<UcxBackend*>(arg);
+  Conn* c = self->ConnOf(param);
+  if (c != nullptr) self->OnReadReq(c, header, header_length, length);
   return UCS_OK;
+}
+
+ucs_status_t UcxBackend::ReadRespCb(void* arg, const void* header, size_t header_length, void* data,
+                                    size_t length, const ucp_am_recv_param_t* param) {
+  auto* self = static_cast<UcxBackend*>(arg);
+  Conn* c = self->ConnOf(param);
+  if (c == nullptr) return UCS_OK;  // a dropped connection; a rendezvous is declined
+  return self->OnReadResp(c, header, header_length, data, length, param);
 }
 
 ucs_status_t UcxBackend::OnData(Conn* c, bool is_write, const void* header, size_t header_length, void* data,
                                 size_t length, const ucp_am_recv_param_t* param) {
-  if (c->state == ConnState::kHandshake) {
-    ProtocolErrorLocked(c, "data before hello");
-    return UCS_OK;
-  }
   if (c->state == ConnState::kClosed) return UCS_OK;
   const bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
   RxSlot slot;
@@ -1101,7 +1596,11 @@ void UcxBackend::DrainRxLocked(Conn* c) {
   while (!c->rx_pending.empty() && c->rx_pending.front()->ready) {
     RxSlot* s = c->rx_pending.front();
     c->rx_pending.pop_front();
-    RxDoneLocked(c, s->seq, s->nack, &s->c);
+    if (s->read_req) {
+      ServeReadLocked(c, s->read);
+    } else {
+      RxDoneLocked(c, s->seq, s->nack, &s->c);
+    }
     delete s;
   }
 }
@@ -1122,10 +1621,7 @@ void UcxBackend::RxDoneLocked(Conn* c, uint64_t seq, uint32_t nack, Completion* 
 }
 
 void UcxBackend::OnAck(Conn* c, const void* header, size_t header_length) {
-  if (c->state == ConnState::kHandshake) {
-    ProtocolErrorLocked(c, "ack before hello");
-    return;
-  }
+  if (c->state == ConnState::kClosed) return;
   AckHdr h{};
   if (header_length != sizeof(h)) {
     ProtocolErrorLocked(c, "malformed ack");
@@ -1155,6 +1651,156 @@ void UcxBackend::OnAck(Conn* c, const void* header, size_t header_length) {
   ApplyAckLocked(c, h.ack);
 }
 
+// Target side of a read: served in order, after the writes before it landed.
+void UcxBackend::OnReadReq(Conn* c, const void* header, size_t header_length, size_t length) {
+  if (c->state == ConnState::kClosed) return;
+  ReadReqHdr h{};
+  if (header_length != sizeof(h) || length != 0) {
+    ProtocolErrorLocked(c, "malformed read request");
+    return;
+  }
+  std::memcpy(&h, header, sizeof(h));
+  if (h.id != c->read_reqs_seen + 1) {
+    ProtocolErrorLocked(c, "read request " + std::to_string(h.id) + " out of sequence");
+    return;
+  }
+  c->read_reqs_seen = h.id;
+  if (c->rx_pending.empty()) {
+    ServeReadLocked(c, h);
+    return;
+  }
+  auto* s = new RxSlot();
+  s->conn = c;
+  s->ready = true;
+  s->read_req = true;
+  s->read = h;
+  c->rx_pending.push_back(s);
+}
+
+void UcxBackend::ServeReadLocked(Conn* c, const ReadReqHdr& req) {
+  if (c->state == ConnState::kClosed) return;
+  // As for writes, only our own table says what may be read.
+  uint32_t code = 0;
+  auto reg = regions_.find(req.key);
+  if (reg == regions_.end()) {
+    code = kNackUnknownKey;
+  } else if (!RangeInside(req.offset, req.length, reg->second.length)) {
+    code = kNackOutOfRange;
+  }
+  Op* op = AllocOpLocked(OpKind::kReadResp, c);
+  ReadRespHdr h{req.id, code, 0};
+  std::memcpy(op->hdr, &h, sizeof(h));
+  op->hdr_len = sizeof(h);
+  if (code != 0 || req.length == 0) {
+    op->key = 0;
+    IssueLocked(op, kAmReadResp, nullptr, 0, nullptr, MemoryKind::kHost, 0);
+    return;
+  }
+  Region& r = reg->second;
+  op->key = req.key;
+  ++r.reads_in_flight;
+  IssueLocked(op, kAmReadResp, static_cast<const uint8_t*>(r.addr) + req.offset, req.length, r.memh, r.kind,
+              cuda_ ? UCP_AM_SEND_FLAG_RNDV : 0);
+}
+
+// Initiator side: the bytes (or the refusal) for the oldest read in flight.
+ucs_status_t UcxBackend::OnReadResp(Conn* c, const void* header, size_t header_length, void* data,
+                                    size_t length, const ucp_am_recv_param_t* param) {
+  if (c->state == ConnState::kClosed) return UCS_OK;
+  ReadRespHdr h{};
+  if (header_length != sizeof(h)) {
+    ProtocolErrorLocked(c, "malformed read response");
+    return UCS_OK;
+  }
+  std::memcpy(&h, header, sizeof(h));
+  Op* op = nullptr;
+  for (Op* r : c->reads) {
+    if (r->seq == h.id && !r->recv_live) {
+      op = r;
+      break;
+    }
+  }
+  if (op == nullptr) {
+    ProtocolErrorLocked(c, "response for read " + std::to_string(h.id) + " not awaiting one");
+    return UCS_OK;
+  }
+  if (h.code != 0) {
+    if (length != 0) {
+      ProtocolErrorLocked(c, "refused read carries bytes");
+      return UCS_OK;
+    }
+    const char* why = h.code == kNackUnknownKey   ? "unknown key (never registered or deregistered)"
+                      : h.code == kNackOutOfRange ? "range outside its registration"
+                                                  : "refused";
+    FinishReadLocked(op, OutOfRange(c->Name() + " refused the read of " + RangeString(0, op->length) +
+                                    ": " + why));
+    return UCS_OK;
+  }
+  if (length != op->length) {
+    ProtocolErrorLocked(c, "read " + std::to_string(h.id) + " answered with " + std::to_string(length) +
+                               " bytes, asked for " + std::to_string(op->length));
+    return UCS_OK;
+  }
+  // The local region may have been deregistered while the read was out.
+  auto reg = regions_.find(op->key);
+  if (reg == regions_.end()) {
+    FinishReadLocked(op, FailedPrecondition("PostRead: local region key " + std::to_string(op->key) +
+                                            " was deregistered before the bytes arrived"));
+    return UCS_OK;  // a rendezvous is declined
+  }
+  if (length == 0) {
+    FinishReadLocked(op, Status::Ok());
+    return UCS_OK;
+  }
+  uint8_t* dest = static_cast<uint8_t*>(reg->second.addr) + op->offset;
+  if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
+    if (reg->second.kind != MemoryKind::kHost) {
+      FinishReadLocked(op, Internal("device memory read arrived eagerly"));
+      return UCS_OK;
+    }
+    std::memcpy(dest, data, length);
+    FinishReadLocked(op, Status::Ok());
+    return UCS_OK;
+  }
+  ucp_request_param_t prm{};
+  prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMORY_TYPE |
+                     UCP_OP_ATTR_FIELD_MEMH;
+  prm.cb.recv_am = &ReadRecvCb;
+  prm.user_data = op;
+  prm.memory_type = reg->second.kind == MemoryKind::kCuda ? UCS_MEMORY_TYPE_CUDA : UCS_MEMORY_TYPE_HOST;
+  prm.memh = reg->second.memh;
+  ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_, data, dest, length, &prm);
+  if (UCS_PTR_IS_ERR(r)) {
+    FailConnLocked(
+        c, PeerClosed(c->Name() + ": read receive failed: " + ucs_status_string(UCS_PTR_STATUS(r))), true);
+    return UCS_INPROGRESS;
+  }
+  if (r == nullptr) {
+    FinishReadLocked(op, Status::Ok());
+  } else {
+    op->recv_live = true;
+  }
+  return UCS_INPROGRESS;
+}
+
+void UcxBackend::ReadRecvCb(void* request, ucs_status_t status, size_t, void* user_data) {
+  ucp_request_free(request);
+  auto* op = static_cast<Op*>(user_data);
+  Conn* c = op->conn;
+  UcxBackend* self = c->backend;
+  op->recv_live = false;
+  if (op->finished) {  // its connection failed meanwhile
+    self->MaybeFreeOpLocked(op);
+    return;
+  }
+  if (status != UCS_OK) {
+    self->FailConnLocked(c, PeerClosed(c->Name() + ": read receive failed: " + ucs_status_string(status)),
+                         true);
+    return;
+  }
+  self->FinishReadLocked(op, Status::Ok());
+}
+
 // ---------------------------------------------------------------------------
 // Failure and shutdown
 
@@ -1162,32 +1808,11 @@ void UcxBackend::ErrCb(void* arg, ucp_ep_h, ucs_status_t status) {
   auto* c = static_cast<Conn*>(arg);
   UcxBackend* self = c->backend;
   if (c->state == ConnState::kClosed) return;
-  if (c->state == ConnState::kConnecting) {
-    // Before the hello went through: a failed attempt (Connect retries).
-    // After: the listener took the connection and then dropped it.
-    self->FailConnLocked(c,
-                         c->hello_done ? PeerClosed(c->Name() + " failed: " + ucs_status_string(status))
-                                       : Unavailable(ucs_status_string(status)),
-                         false);
-    return;
-  }
-  if (c->state == ConnState::kHandshake) {
-    c->state = ConnState::kClosed;
-    self->by_ep_.erase(c->ep);
-    self->CloseEpLocked(c);
-    return;
-  }
   self->FailConnLocked(c, PeerClosed(c->Name() + " failed: " + ucs_status_string(status)), true);
 }
 
 void UcxBackend::ProtocolErrorLocked(Conn* c, const std::string& what) {
   ZW_LOG(kWarn, "ucx: dropping connection " << c->Name() << ": " << what);
-  if (c->state == ConnState::kHandshake) {
-    c->state = ConnState::kClosed;
-    by_ep_.erase(c->ep);
-    CloseEpLocked(c);
-    return;
-  }
   FailConnLocked(c, PeerClosed(c->Name() + ": protocol error: " + what), true);
 }
 
@@ -1201,6 +1826,9 @@ void UcxBackend::FailConnLocked(Conn* c, const Status& status, bool emit_peer_er
   // when it completes.
   std::deque<Op*> pending;
   pending.swap(c->unacked);
+  for (Op* op : pending) FinishOpLocked(op, status);
+  pending.clear();
+  pending.swap(c->reads);
   for (Op* op : pending) FinishOpLocked(op, status);
   for (RxSlot* s : c->rx_pending) {
     if (s->request_live) {
@@ -1219,6 +1847,7 @@ void UcxBackend::FailConnLocked(Conn* c, const Status& status, bool emit_peer_er
     PushCompletionLocked(std::move(err));
   }
   CloseEpLocked(c);
+  if (c->sock >= 0 && !closed_) KickSocketLoop();  // it closes the socket: the peer learns
 }
 
 void UcxBackend::CloseCb(void* request, ucs_status_t, void* user_data) {
@@ -1232,6 +1861,16 @@ void UcxBackend::CloseEpLocked(Conn* c, bool force) {
   if (c->ep == nullptr) return;
   ucp_ep_h ep = c->ep;
   c->ep = nullptr;
+  if (in_ucx_ > 0) {
+    // Inside a UCX callback (e.g. UCX failing the endpoint's requests one by
+    // one): closing it now would re-enter UCX; done once progress returns.
+    deferred_close_.push_back({ep, force});
+    return;
+  }
+  CloseUcpEpLocked(ep, force);
+}
+
+void UcxBackend::CloseUcpEpLocked(ucp_ep_h ep, bool force) {
   ucp_request_param_t prm{};
   prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   if (force) {
@@ -1240,8 +1879,27 @@ void UcxBackend::CloseEpLocked(Conn* c, bool force) {
   }
   prm.cb.send = &CloseCb;
   prm.user_data = this;
+  ++in_ucx_;
   ucs_status_ptr_t r = ucp_ep_close_nbx(ep, &prm);
+  --in_ucx_;
   if (r != nullptr && !UCS_PTR_IS_ERR(r)) closing_.insert(r);
+  RunDeferredClosesLocked();
+}
+
+void UcxBackend::RunDeferredClosesLocked() {
+  while (in_ucx_ == 0 && !deferred_close_.empty()) {
+    auto [ep, force] = deferred_close_.back();
+    deferred_close_.pop_back();
+    CloseUcpEpLocked(ep, force);
+  }
+}
+
+unsigned UcxBackend::ProgressOnceLocked() {
+  ++in_ucx_;
+  unsigned n = ucp_worker_progress(worker_);
+  --in_ucx_;
+  RunDeferredClosesLocked();
+  return n;
 }
 
 void UcxBackend::Close() {
@@ -1256,6 +1914,13 @@ void UcxBackend::Close() {
   }
   helper_cv_.notify_all();
   if (helper_.joinable()) helper_.join();
+  if (socket_thread_.joinable()) {
+    // A handshake in progress finishes first (bounded by its deadline).
+    loop_stop_.store(true);
+    KickSocketLoop();
+    socket_thread_.join();
+  }
+  listen_sock_.Reset();
   std::unique_lock lk(mu_);
   // Pollers notice closed_ once they wake; the worker must outlive their
   // last look at its event fd.
@@ -1274,21 +1939,15 @@ void UcxBackend::Close() {
   // Best effort: acknowledge what already landed so that the peer's writes
   // which did complete here are not reported as failed.
   for (Conn* c : live) {
-    if ((c->state == ConnState::kOpen || c->state == ConnState::kConnecting) && c->rx_done > c->ack_sent) {
+    if (c->state == ConnState::kOpen && c->rx_done > c->ack_sent) {
       SendAckLocked(c, c->rx_done);
     }
   }
   for (Conn* c : live) {
-    if (c->state == ConnState::kHandshake) {
-      c->state = ConnState::kClosed;
-      by_ep_.erase(c->ep);
-      CloseEpLocked(c);
-      continue;
-    }
     // With nothing of ours in flight, a flushing close gets those acks (and
     // e.g. a goodbye's ack) out before the disconnect reaches the peer;
     // otherwise the pending operations are cancelled and dropped.
-    const bool idle = c->unacked.empty();
+    const bool idle = c->unacked.empty() && c->reads.empty();
     ucp_ep_h ep = c->ep;
     by_ep_.erase(ep);
     c->ep = nullptr;  // keep FailConnLocked from force-closing it
@@ -1301,7 +1960,7 @@ void UcxBackend::Close() {
   // worker tears the endpoint down anyway (the peer still sees it go).
   const auto deadline = Clock::now() + std::chrono::milliseconds(200);
   while (!closing_.empty() && Clock::now() < deadline) {
-    if (ucp_worker_progress(worker_) == 0) {
+    if (ProgressOnceLocked() == 0) {
       lk.unlock();
       std::this_thread::sleep_for(std::chrono::microseconds(100));
       lk.lock();
@@ -1309,10 +1968,6 @@ void UcxBackend::Close() {
   }
   for (void* r : closing_) ucp_request_free(r);  // UCX finishes them without us
   closing_.clear();
-  if (listener_) {
-    ucp_listener_destroy(listener_);
-    listener_ = nullptr;
-  }
   for (auto& [key, r] : regions_) {
     if (r.memh) ucp_mem_unmap(context_, r.memh);
     r.memh = nullptr;
@@ -1322,6 +1977,12 @@ void UcxBackend::Close() {
   ucp_cleanup(context_);
   context_ = nullptr;
   efd_ = -1;
+  // Last: a peer watching these learns we are gone only once everything
+  // above (acks, the flushing disconnects) has left.
+  for (auto& c : conns_) {
+    if (c->sock >= 0) ::close(c->sock);
+    c->sock = -1;
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -1329,7 +1990,7 @@ void UcxBackend::Close() {
 
 bool UcxBackend::ProgressLocked() {
   bool any = false;
-  for (int i = 0; i < kMaxProgressRounds && ucp_worker_progress(worker_) != 0; ++i) any = true;
+  for (int i = 0; i < kMaxProgressRounds && ProgressOnceLocked() != 0; ++i) any = true;
   return any;
 }
 
@@ -1341,24 +2002,45 @@ void UcxBackend::Wake() {
 
 size_t UcxBackend::Poll(std::span<Completion> out, std::chrono::milliseconds timeout) {
   if (out.empty()) return 0;
-  const auto deadline = Clock::now() + timeout;
   Touch();
   std::unique_lock lk(mu_);
   if (size_t n = PopLocked(out)) return n;
   if (closed_) return 0;
   ++pollers_;
-  const auto spin_until = std::min(deadline, Clock::now() + spin_);
   size_t n = 0;
-  bool ran = false;
+  bool second = false;     // timeout 0: two rounds, no clock
+  bool spinning = false;   // inside the busy-poll phase: the clock is read every kClockEvery rounds
+  unsigned since_clock = 0;
+  Clock::time_point deadline, spin_until;
+  bool timed = false;
+  constexpr unsigned kClockEvery = 8;
   while (!closed_) {
     ProgressLocked();
     if ((n = PopLocked(out)) > 0) break;
     // Nothing to hand back: acks held for piggy-backing go out now.
     FlushAcksLocked();
+    if (timeout.count() == 0) {
+      if (second) break;
+      second = true;
+      lk.unlock();
+      lk.lock();
+      continue;
+    }
+    if (spinning && ++since_clock < kClockEvery) {
+      lk.unlock();
+      lk.lock();
+      continue;
+    }
+    since_clock = 0;
     const auto now = Clock::now();
-    if (now >= deadline && ran) break;
-    ran = true;
-    if (now < spin_until || now >= deadline) {
+    if (!timed) {
+      timed = true;
+      deadline = now + timeout;
+      spin_until = std::min(deadline, now + spin_);
+    }
+    if (now >= deadline) break;
+    spinning = now < spin_until;
+    if (spinning) {
       // Busy-poll briefly: a sleep / wake-up costs more than a ping-pong's
       // whole software path. Let posting threads in between rounds.
       lk.unlock();
@@ -1393,17 +2075,21 @@ size_t UcxBackend::Poll(std::span<Completion> out, std::chrono::milliseconds tim
   return n;
 }
 
-// Makes progress only while the owner is away (no Poll or post for
-// idle_progress_): keeps acks flowing and connection requests served so a
-// peer's completions never wait on this process calling Poll again.
+// Makes progress only while the owner is away (no Poll or post for a whole
+// period of idle_progress_): keeps acks flowing and incoming data served so
+// a peer's completions never wait on this process calling Poll again.
 void UcxBackend::FallbackProgressLoop() {
   const auto period = std::max<std::chrono::microseconds>(idle_progress_, std::chrono::microseconds(100));
-  const int64_t idle_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(idle_progress_).count();
+  uint64_t seen = activity_.load(std::memory_order_relaxed);
   std::unique_lock hl(helper_mu_);
   while (!helper_stop_) {
     helper_cv_.wait_for(hl, period);
     if (helper_stop_) break;
-    if (NowNs() - last_activity_ns_.load(std::memory_order_relaxed) < idle_ns) continue;
+    const uint64_t now = activity_.load(std::memory_order_relaxed);
+    if (now != seen) {
+      seen = now;
+      continue;
+    }
     std::unique_lock lk(mu_, std::try_to_lock);
     if (!lk.owns_lock() || closed_ || pollers_ > 0) continue;
     ProgressLocked();
@@ -1417,10 +2103,10 @@ Result<std::unique_ptr<Backend>> CreateUcxBackend(const BackendOptions& options)
   ZW_ASSIGN_OR_RETURN(uint64_t spin_us, EnvUint("UCX_SPIN_US", 50));
   ZW_ASSIGN_OR_RETURN(uint64_t idle_us, EnvUint("UCX_IDLE_PROGRESS_US", 1000));
   if (idle_us == 0) return InvalidArgument("ZIPWIRE_UCX_IDLE_PROGRESS_US must be positive");
-  ZW_ASSIGN_OR_RETURN(uint64_t grace_ms, EnvUint("UCX_CONNECT_GRACE_MS", 1000));
-  auto backend =
-      std::make_unique<UcxBackend>(options, std::chrono::microseconds(spin_us),
-                                   std::chrono::microseconds(idle_us), std::chrono::milliseconds(grace_ms));
+  ZW_ASSIGN_OR_RETURN(uint64_t peer_errors, EnvUint("UCX_PEER_ERRORS", 1));
+  if (peer_errors > 1) return InvalidArgument("ZIPWIRE_UCX_PEER_ERRORS must be 0 or 1");
+  auto backend = std::make_unique<UcxBackend>(options, std::chrono::microseconds(spin_us),
+                                              std::chrono::microseconds(idle_us), peer_errors == 1);
   ZW_RETURN_IF_ERROR(backend->Init());
   return std::unique_ptr<Backend>(std::move(backend));
 }

@@ -2,10 +2,15 @@
 // and one ucp_worker per backend), so that zipwire runs over whatever UCX
 // picks: tcp, shared memory (posix / sysv / cma), verbs, cuda_ipc, ...
 //
-// Connections use UCP's client-server mode: Listen() opens a ucp_listener
-// (UCX's socket connection manager) and Connect() creates an endpoint to its
-// sockaddr. UCX_TLS / UCX_NET_DEVICES and every other UCX_* variable apply as
-// usual (read through ucp_config_read; nothing is overridden).
+// Connections: Listen() opens a small TCP socket of the backend's own (not a
+// ucp_listener: UCX 1.13's client-server path only ever picks tcp lanes);
+// Connect() sends our rank and ucp worker address over it and gets the
+// peer's, and both create endpoints to the other's worker address. So
+// UCX_TLS / UCX_NET_DEVICES and every other UCX_* variable apply as usual
+// (read through ucp_config_read; nothing is overridden), shared memory
+// included. The socket stays open as the connection's liveness signal: UCX's
+// shared-memory transports have no peer-failure handling, and a peer whose
+// socket closes is failed like one UCX reports.
 //
 // Data path: a PostWrite is one UCP active message carrying {imm, key,
 // offset} in its header and the bytes as its payload, sent straight from the
@@ -15,17 +20,25 @@
 // straight into the registered target (rendezvous: UCX moves them zero-copy,
 // e.g. cma / put_zcopy / RDMA), and emits kWriteImm once they are there. See
 // ucx_backend.cc for why this is an active message rather than ucp_put_nbx.
+// PostRead (supports_read) is a request message the target validates the
+// same way and answers with the bytes from its registered region.
+//
+// CUDA memory (MemoryKind::kCuda) is offered only where ucp_context_query
+// reports UCS_MEMORY_TYPE_CUDA support, i.e. a UCX built with its cuda
+// module (Debian's is not); RegisterMemory refuses it elsewhere.
 //
 // Tunables (environment, read at creation):
 //   ZIPWIRE_UCX_SPIN_US (default 50): how long Poll busy-polls the worker
 //     before it sleeps on the worker's event fd.
 //   ZIPWIRE_UCX_IDLE_PROGRESS_US (default 1000): how long the backend may sit
 //     without Poll / post activity before a fallback thread makes progress
-//     (acks, connection requests, incoming data) on the owner's behalf.
-//   ZIPWIRE_UCX_CONNECT_GRACE_MS (default 1000): how long Connect waits for
-//     the listener to complete UCX's handshake before it returns anyway (the
-//     passive side must make progress for that; a refused or unreachable
-//     address shows up well within it).
+//     (acks, incoming data) on the owner's behalf.
+//   ZIPWIRE_UCX_PEER_ERRORS (default 1): 1 gives endpoints UCX's peer-failure
+//     handling where the transports allow it, which keeps lanes without it
+//     (posix / sysv / cma) out of use; 0 creates them without, so that with
+//     the default UCX_TLS UCX may put same-host peers on shared memory. Lost
+//     peers show through the liveness socket either way. A server's setting
+//     decides for the connections it accepts.
 #pragma once
 
 #include <cstddef>
