@@ -17,14 +17,21 @@
 // carrying {imm, key, offset, length}; RC ordering guarantees the bytes have
 // landed when META is delivered, and the user's 32-bit immediate travels
 // intact. (Write-with-imm would save a work request, but its 32 bits cannot
-// hold the key/offset/length the target must check.) With ZIPWIRE_IB_QPS > 1
+// hold the key/offset/length the target must check.) A write small enough to
+// share one MTU-sized packet with its header (both ends host memory) goes
+// eagerly instead: one SEND carrying header and bytes, which the target checks
+// against its own table and copies into place before reporting kWriteImm; one
+// packet instead of two is most of a small write's latency. With ZIPWIRE_IB_QPS > 1
 // a large write's stripes go out signalled on all QPs, and META follows on
 // QP 0 once every stripe's completion (the responder's ack) is in.
 //
 // Completion semantics match the tcp backend: META and SEND messages are
 // numbered in posting order; the target acknowledges cumulatively once its
-// Poll has processed them (one ACK per progress pass, or piggy-backed on any
-// message), and an initiator's kWriteDone / kSendDone comes from that ack.
+// Poll has processed them, piggy-backed on any message it sends; a bare ACK
+// goes out only when the application let a whole further progress pass go by
+// without answering, when kAckBatch messages wait, or from the helper thread
+// (so a ping-pong costs one packet each way, a stream one ACK per pass). An
+// initiator's kWriteDone / kSendDone comes from that ack.
 // A META the target refuses (key not live, range outside it) is NACKed.
 //
 // Range safety. A remote write outside the target's memory region would
@@ -50,7 +57,8 @@
 // Poll busy-polls the CQ for ZIPWIRE_IB_SPIN_US, then arms the completion
 // channel and sleeps in poll() on its fd (plus an eventfd the helper thread
 // pokes). The helper thread accepts side-channel connections, watches the
-// side channels for EOF, and makes progress only while the owner is idle.
+// side channels for EOF, and makes progress only while the owner is idle; it
+// takes no lock and reads no clock of the owner's while the owner is busy.
 // It runs each handshake itself, bounded by 5 s: a client that connects and
 // says nothing delays other accepts (not established peers) by that much.
 //
@@ -105,15 +113,27 @@ constexpr uint32_t kSignalEvery = 32;  // selective signalling period
 constexpr uint32_t kSendSlots = 64;    // registered buffers for messages too big to inline
 constexpr size_t kPollBatch = 32;
 constexpr size_t kMaxWcPerProgress = 1024;  // completion moderation per pass
+constexpr uint64_t kAckBatch = 32;          // unacknowledged messages that force a bare ACK
 constexpr uint8_t kPort = 1;
 constexpr uint64_t kRecvBit = uint64_t{1} << 63;
 
 constexpr uint64_t kHelloMagic = 0x3176005642495a57ull;  // "WZIBV\0v1"
-constexpr uint32_t kWireVersion = 1;
+constexpr uint32_t kWireVersion = 2;  // 2: eager writes, REPLY says the memory kind
 constexpr size_t kHelloBytes = 240;
 constexpr size_t kReasonBytes = 64;
 
-enum MsgType : uint8_t { kMeta = 1, kSend = 2, kAck = 3, kNack = 4, kQuery = 5, kReply = 6, kUnreg = 7 };
+enum MsgType : uint8_t {
+  kMeta = 1,
+  kSend = 2,
+  kAck = 3,
+  kNack = 4,
+  kQuery = 5,
+  kReply = 6,
+  kUnreg = 7,
+  kEager = 8,  // a small write whose bytes ride in the message (copied at the target)
+};
+// REPLY codes: the key is dead, live in host memory, live in other memory.
+enum ReplyCode : uint8_t { kReplyDead = 0, kReplyHost = 1, kReplyDevice = 2 };
 enum NackCode : uint8_t { kNackUnknownKey = 1, kNackOutOfRange = 2 };
 
 using internal::GetLE;
@@ -255,6 +275,8 @@ struct Op {
   uint64_t key = 0;
   uint64_t remote_offset = 0;
   uint32_t imm = 0;
+  bool local_host = false;   // the CPU may read the source (eager writes)
+  bool remote_host = false;  // ... and write the target (from the key's REPLY)
   // kSend
   std::vector<uint8_t> payload;
   // Striping: bytes issued so far and stripes posted but not completed.
@@ -280,6 +302,7 @@ struct Nack {
 
 struct RemoteInfo {
   enum State : uint8_t { kPending, kLive, kDead } state = kPending;
+  bool host = false;  // the target can copy eager bytes into it
   uint64_t addr = 0;
   uint64_t length = 0;
 };
@@ -310,6 +333,7 @@ struct Conn {
   std::vector<uint8_t> recv_slab, send_slab;
   std::vector<uint32_t> free_slots;  // of send_slab
   uint32_t max_inline = 0;           // what the provider granted for these QPs
+  uint32_t mtu_bytes = 256;          // the path MTU, set at RTR
   ibv_mr* recv_mr = nullptr;
   ibv_mr* send_mr = nullptr;
   int side_fd = -1;  // owned by the helper thread once established
@@ -330,6 +354,7 @@ struct Conn {
   uint64_t rx_seq = 0;
   uint64_t ack_sent = 0;
   bool ack_dirty = false;
+  uint64_t ack_arm_pass = 0;  // the progress pass that first left a message unacknowledged
 
   std::string Name() const { return "peer " + std::to_string(peer) + " (" + address + ")"; }
 };
@@ -371,9 +396,9 @@ class VerbsBackend final : public Backend {
   void Close() override;
 
  private:
-  void Touch() {
-    last_activity_ns_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
-  }
+  // No clock read: the helper thread only needs to know whether anything
+  // happened since it last looked (clock reads are syscalls on some VMs).
+  void Touch() { activity_.fetch_add(1, std::memory_order_relaxed); }
   // Setup.
   Result<std::unique_ptr<Conn>> NewConn(PeerId peer, std::string address, uint32_t nqps);
   Status ToRts(Conn* c, const Hello& remote);
@@ -381,7 +406,7 @@ class VerbsBackend final : public Backend {
   void DestroyConn(Conn* c);
   void HandleAccept(int fd, std::string address);
   // Progress (mu_ held).
-  size_t ProgressLocked();
+  size_t ProgressLocked(bool flush_acks = false);
   void HandleWc(const ibv_wc& wc);
   void ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len);
   bool ApplyAck(Conn* c, uint64_t ack);
@@ -392,6 +417,9 @@ class VerbsBackend final : public Backend {
   bool PostChain(Conn* c, Qp* q, ibv_send_wr* wrs, size_t n, Op* stripe, int32_t slot = -1);
   bool PostRecv(Conn* c, uint32_t slot);
   void CompleteOpLocked(Conn* c, const Op& op, Status st);
+  // Ops are recycled, so a post allocates nothing once the pool is warm.
+  std::unique_ptr<Op> NewOpLocked();
+  void PopOpLocked(Conn* c);
   void FailLocked(Conn* c, const Status& st, bool emit_peer_error);
   Status PostFailedOrRefuse(Conn* c, uint8_t type, uint64_t context);
   Result<Conn*> PeerLocked(PeerId peer);
@@ -429,6 +457,10 @@ class VerbsBackend final : public Backend {
   std::unordered_map<uint32_t, Qp*> qp_by_uid_;
   uint32_t next_qp_uid_ = 1;
   std::vector<Conn*> ack_dirty_;
+  std::vector<std::unique_ptr<Op>> op_pool_;
+  std::vector<ibv_sge> chain_sges_;  // scratch for WRITE chains; grows, never shrinks
+  std::vector<ibv_send_wr> chain_wrs_;
+  uint64_t progress_pass_ = 0;
 
   int listen_fd_ = -1;
   std::string listen_address_;
@@ -436,7 +468,9 @@ class VerbsBackend final : public Backend {
   int helper_wake_fd_ = -1;  // eventfd: the helper's fd set changed / stop
   std::atomic<bool> stop_{false};
   std::thread helper_;
-  std::atomic<int64_t> last_activity_ns_{0};
+  std::atomic<uint64_t> activity_{0};  // bumped by every Poll and post
+  std::atomic<int> pollers_{0};        // threads inside Poll (they make progress themselves)
+  std::atomic<uint64_t> helper_fds_gen_{0};  // bumped when the helper's fd set changes
   std::mt19937 rng_{std::random_device{}()};
 };
 
@@ -656,6 +690,7 @@ Status VerbsBackend::ToRts(Conn* c, const Hello& r) {
     ibv_qp_attr a{};
     a.qp_state = IBV_QPS_RTR;
     a.path_mtu = static_cast<ibv_mtu>(std::min<uint32_t>(r.mtu, port_.active_mtu));
+    c->mtu_bytes = 128u << a.path_mtu;  // IBV_MTU_256 = 1
     a.dest_qp_num = r.qpn[i];
     a.rq_psn = r.psn[i];
     a.max_dest_rd_atomic = 1;
@@ -728,6 +763,7 @@ Result<std::string> VerbsBackend::Listen() {
   lk.lock();
   listen_fd_ = fd;
   listen_address_ = options_.listen_host + ":" + std::to_string(bound);
+  helper_fds_gen_.fetch_add(1);
   lk.unlock();
   uint64_t one64 = 1;
   [[maybe_unused]] ssize_t w = ::write(helper_wake_fd_, &one64, 8);
@@ -942,6 +978,7 @@ Status VerbsBackend::Connect(PeerId peer, const std::string& address) {
   c->established = c->open = true;
   by_peer_[peer] = c.get();
   conns_.push_back(std::move(c));
+  helper_fds_gen_.fetch_add(1);
   uint64_t one64 = 1;
   [[maybe_unused]] ssize_t w = ::write(helper_wake_fd_, &one64, 8);
   return Status::Ok();
@@ -1061,7 +1098,7 @@ Status VerbsBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t 
   }
   ZW_ASSIGN_OR_RETURN(Conn * c, PeerLocked(peer));
   if (!c->open) return PostFailedOrRefuse(c, kMeta, context);
-  auto op = std::make_unique<Op>();
+  std::unique_ptr<Op> op = NewOpLocked();
   op->type = kMeta;
   op->context = context;
   op->local = static_cast<const uint8_t*>(local.addr) + local_offset;
@@ -1070,6 +1107,7 @@ Status VerbsBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t 
   op->key = remote.key;
   op->remote_offset = remote_offset;
   op->imm = imm;
+  op->local_host = local.kind == MemoryKind::kHost;
   const size_t before = completions_.size();
   c->data_q.push_back(std::move(op));
   PumpLocked(c);
@@ -1086,7 +1124,7 @@ Status VerbsBackend::PostSend(PeerId peer, std::span<const uint8_t> message, uin
   std::lock_guard lk(mu_);
   ZW_ASSIGN_OR_RETURN(Conn * c, PeerLocked(peer));
   if (!c->open) return PostFailedOrRefuse(c, kSend, context);
-  auto op = std::make_unique<Op>();
+  std::unique_ptr<Op> op = NewOpLocked();
   op->type = kSend;
   op->context = context;
   op->payload.assign(message.begin(), message.end());
@@ -1153,6 +1191,24 @@ bool VerbsBackend::PostMessage(Conn* c, Header h, const uint8_t* payload, size_t
 
 bool VerbsBackend::PostCtrl(Conn* c, Header h) { return PostMessage(c, h, nullptr, 0); }
 
+std::unique_ptr<Op> VerbsBackend::NewOpLocked() {
+  if (op_pool_.empty()) return std::make_unique<Op>();
+  std::unique_ptr<Op> op = std::move(op_pool_.back());
+  op_pool_.pop_back();
+  return op;
+}
+
+void VerbsBackend::PopOpLocked(Conn* c) {
+  std::unique_ptr<Op> op = std::move(c->data_q.front());
+  c->data_q.pop_front();
+  if (op_pool_.size() >= 1024) return;  // bounded: a burst does not pin memory forever
+  std::vector<uint8_t> payload = std::move(op->payload);  // keeps its capacity
+  payload.clear();
+  *op = Op{};
+  op->payload = std::move(payload);
+  op_pool_.push_back(std::move(op));
+}
+
 void VerbsBackend::CompleteOpLocked(Conn* c, const Op& op, Status st) {
   Completion done;
   done.type = op.type == kMeta ? CompletionType::kWriteDone : CompletionType::kSendDone;
@@ -1184,7 +1240,7 @@ void VerbsBackend::PumpLocked(Conn* c) {
       if (!PostMessage(c, h, op.payload.data(), op.payload.size())) return;
       ++c->next_seq;
       c->unacked.push_back(Unacked{seq, kSend, op.context, 0, 0, op.payload.size(), nullptr});
-      c->data_q.pop_front();
+      PopOpLocked(c);
       continue;
     }
     if (!op.started) {
@@ -1210,12 +1266,35 @@ void VerbsBackend::PumpLocked(Conn* c) {
                 std::to_string(op.remote_offset) + " of region key " + std::to_string(op.key) + ": " +
                 (dead ? "the key is not registered there"
                       : "the range is outside its registration (" + std::to_string(ri.length) + " bytes)")));
-        c->data_q.pop_front();
+        PopOpLocked(c);
         continue;
       }
       op.started = true;
       op.remote_addr = ri.addr + op.remote_offset;
       op.rkey = static_cast<uint32_t>(op.key & 0xffffffffu);
+      op.remote_host = ri.host;
+    }
+    // A write that fits one packet with its header goes as one SEND and the
+    // target copies it into place (checked against its own table first):
+    // one packet instead of WRITE + META, which is what latency is made of.
+    // Both ends must be host memory: the CPUs touch the bytes.
+    const bool eager = op.local_host && op.remote_host && op.length > 0 &&
+                       kHeaderBytes + op.length <= std::min<size_t>(c->mtu_bytes, kSlotBytes);
+    if (eager) {
+      if (!CanPostMessage(c, op.length)) return;
+      Header h;
+      h.type = kEager;
+      h.imm = op.imm;
+      h.key = op.key;
+      h.offset = op.remote_offset;
+      h.length = op.length;
+      const uint64_t seq = c->next_seq;
+      if (!PostMessage(c, h, op.local, op.length)) return;
+      ++c->next_seq;
+      // The bytes were copied at post: the source registration is not needed.
+      c->unacked.push_back(Unacked{seq, kMeta, op.context, op.key, op.remote_offset, op.length, nullptr});
+      PopOpLocked(c);
+      continue;
     }
     const bool striped = c->qps.size() > 1 && op.length >= 2 * stripe_bytes_;
     if (!striped) {
@@ -1226,13 +1305,18 @@ void VerbsBackend::PumpLocked(Conn* c) {
       if (q0->Free() < nwrites + 1 || (!meta_inline && c->free_slots.empty())) {
         if (nwrites + 1 > kSendDepth) {  // cannot happen with max_msg >= 4 MiB; keep it a value
           CompleteOpLocked(c, op, Internal("write needs more WRs than the send queue holds"));
-          c->data_q.pop_front();
+          PopOpLocked(c);
           continue;
         }
         return;
       }
-      std::vector<ibv_sge> sges(nwrites + 1);
-      std::vector<ibv_send_wr> wrs(nwrites + 1);
+      if (chain_wrs_.size() < nwrites + 1) {
+        chain_sges_.resize(nwrites + 1);
+        chain_wrs_.resize(nwrites + 1);
+      }
+      ibv_sge* sges = chain_sges_.data();
+      ibv_send_wr* wrs = chain_wrs_.data();
+      std::fill_n(wrs, nwrites + 1, ibv_send_wr{});
       for (size_t i = 0; i < nwrites; ++i) {
         uint64_t off = i * chunk;
         uint32_t len = static_cast<uint32_t>(std::min<uint64_t>(chunk, op.length - off));
@@ -1268,10 +1352,10 @@ void VerbsBackend::PumpLocked(Conn* c) {
       wrs[nwrites].opcode = IBV_WR_SEND;
       if (meta_inline) wrs[nwrites].send_flags = IBV_SEND_INLINE;
       const uint64_t seq = c->next_seq;
-      if (!PostChain(c, q0, wrs.data(), wrs.size(), nullptr, slot_index)) return;
+      if (!PostChain(c, q0, wrs, nwrites + 1, nullptr, slot_index)) return;
       ++c->next_seq;
       c->unacked.push_back(Unacked{seq, kMeta, op.context, op.key, op.remote_offset, op.length, op.mr});
-      c->data_q.pop_front();
+      PopOpLocked(c);
       continue;
     }
     // Striped: stripe i goes to QP i % n, each signalled; META follows once
@@ -1303,7 +1387,7 @@ void VerbsBackend::PumpLocked(Conn* c) {
     if (!PostMessage(c, h, nullptr, 0)) return;
     ++c->next_seq;
     c->unacked.push_back(Unacked{seq, kMeta, op.context, op.key, op.remote_offset, op.length, op.mr});
-    c->data_q.pop_front();
+    PopOpLocked(c);
   }
 }
 
@@ -1321,7 +1405,8 @@ bool VerbsBackend::PostRecv(Conn* c, uint32_t slot) {
 // ---------------------------------------------------------------------------
 // Progress (mu_ held)
 
-size_t VerbsBackend::ProgressLocked() {
+size_t VerbsBackend::ProgressLocked(bool flush_acks) {
+  ++progress_pass_;
   ibv_wc wc[kPollBatch];
   size_t total = 0;
   while (total < kMaxWcPerProgress) {
@@ -1330,21 +1415,31 @@ size_t VerbsBackend::ProgressLocked() {
     for (int i = 0; i < n; ++i) HandleWc(wc[i]);
     total += static_cast<size_t>(n);
   }
-  // One cumulative ACK per peer per pass (completion moderation), unless a
-  // message already carried it.
+  // Every message carries the cumulative ack, so a bare ACK is only sent when
+  // the application had a whole progress pass (one more Poll) to answer and
+  // did not, when many messages wait, or when the helper thread progresses
+  // for an absent owner. A ping-pong then costs one packet each way, and a
+  // stream still gets at most one ACK per pass (completion moderation).
+  size_t keep = 0;
   for (Conn* c : ack_dirty_) {
+    if (!c->open || c->rx_seq <= c->ack_sent) {
+      c->ack_dirty = false;
+      continue;
+    }
+    if (!flush_acks && progress_pass_ == c->ack_arm_pass && c->rx_seq - c->ack_sent < kAckBatch) {
+      ack_dirty_[keep++] = c;
+      continue;
+    }
     c->ack_dirty = false;
-    if (c->open && c->rx_seq > c->ack_sent) {
-      Header h;
-      h.type = kAck;
-      if (c->ctrl_q.empty() && CanPostMessage(c, 0)) {
-        PostCtrl(c, h);
-      } else {
-        c->ctrl_q.push_back(h);
-      }
+    Header h;
+    h.type = kAck;
+    if (c->ctrl_q.empty() && CanPostMessage(c, 0)) {
+      PostCtrl(c, h);
+    } else {
+      c->ctrl_q.push_back(h);
     }
   }
-  ack_dirty_.clear();
+  ack_dirty_.resize(keep);
   if (total > 0) {
     for (auto& [peer, c] : by_peer_) PumpLocked(c);
   }
@@ -1420,7 +1515,7 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
   };
   if (len < kHeaderBytes) return corrupt(std::to_string(len) + " bytes");
   Header h = DecodeHeader(buf);
-  if (h.type != kSend && len != kHeaderBytes) return corrupt("trailing bytes");
+  if (h.type != kSend && h.type != kEager && len != kHeaderBytes) return corrupt("trailing bytes");
   if (h.type == kNack) {
     uint64_t last = c->peer_nacks.empty() ? c->peer_acked : std::max(c->peer_acked, c->peer_nacks.back().seq);
     if (h.key <= last || h.key >= c->next_seq || h.ack < h.key)
@@ -1432,7 +1527,9 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
     case kAck:
     case kNack:
       break;
-    case kMeta: {
+    case kMeta:
+    case kEager: {
+      if (h.type == kEager && h.length != len - kHeaderBytes) return corrupt("eager write length mismatch");
       ++c->rx_seq;
       // Never trust the initiator's idea of our region: check our table.
       auto it = regions_.find(h.key);
@@ -1441,6 +1538,10 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
         refuse = kNackUnknownKey;
       } else if (!RangeInside(h.offset, h.length, it->second.region.length)) {
         refuse = kNackOutOfRange;
+      } else if (h.type == kEager && it->second.region.kind != MemoryKind::kHost) {
+        refuse = kNackUnknownKey;  // our REPLY said device memory; a correct peer never does this
+      } else if (h.type == kEager) {
+        std::memcpy(static_cast<uint8_t*>(it->second.region.addr) + h.offset, buf + kHeaderBytes, h.length);
       }
       if (refuse) {
         ZW_LOG(kWarn, "verbs: refused WRITE from " << c->Name() << ": key " << h.key << " offset " << h.offset
@@ -1478,7 +1579,7 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
       r.key = h.key;
       auto it = regions_.find(h.key);
       if (it != regions_.end()) {
-        r.code = 1;
+        r.code = it->second.region.kind == MemoryKind::kHost ? kReplyHost : kReplyDevice;
         r.offset = reinterpret_cast<uint64_t>(it->second.region.addr);
         r.length = it->second.region.length;
       }
@@ -1489,7 +1590,8 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
       auto it = c->remote.find(h.key);
       if (it == c->remote.end()) return corrupt("REPLY for a key never queried");
       if (it->second.state != RemoteInfo::kPending) break;  // an UNREG overtook it
-      it->second.state = h.code ? RemoteInfo::kLive : RemoteInfo::kDead;
+      it->second.state = h.code != kReplyDead ? RemoteInfo::kLive : RemoteInfo::kDead;
+      it->second.host = h.code == kReplyHost;
       it->second.addr = h.offset;
       it->second.length = h.length;
       break;
@@ -1505,6 +1607,7 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
   }
   if (!c->ack_dirty) {
     c->ack_dirty = true;
+    c->ack_arm_pass = progress_pass_;
     ack_dirty_.push_back(c);
   }
 }
@@ -1533,7 +1636,7 @@ void VerbsBackend::FailLocked(Conn* c, const Status& st, bool emit_peer_error) {
   }
   c->unacked.clear();
   for (auto& op : c->data_q) CompleteOpLocked(c, *op, st);
-  c->data_q.clear();
+  while (!c->data_q.empty()) PopOpLocked(c);
   c->ctrl_q.clear();
   c->peer_nacks.clear();
   if (emit_peer_error) {
@@ -1560,8 +1663,15 @@ void VerbsBackend::WakePollers() {
 size_t VerbsBackend::Poll(std::span<Completion> out, std::chrono::milliseconds timeout) {
   if (out.empty()) return 0;
   Touch();
-  const auto deadline = Clock::now() + timeout;
-  const auto spin_until = Clock::now() + spin_;
+  pollers_.fetch_add(1, std::memory_order_relaxed);
+  struct Leave {
+    std::atomic<int>& n;
+    ~Leave() { n.fetch_sub(1, std::memory_order_relaxed); }
+  } leave{pollers_};
+  // Clock reads only once a pass found nothing: a busy-polling caller
+  // (timeout 0) never reads the clock here.
+  Clock::time_point deadline{}, spin_until{};
+  bool timed = false;
   auto take = [&]() -> size_t {
     size_t n = 0;
     while (n < out.size() && !completions_.empty()) {
@@ -1589,7 +1699,13 @@ size_t VerbsBackend::Poll(std::span<Completion> out, std::chrono::milliseconds t
       ProgressLocked();
       if (size_t n = take()) return n;
     }
+    if (timeout.count() <= 0) return 0;
     const auto now = Clock::now();
+    if (!timed) {
+      timed = true;
+      deadline = now + timeout;
+      spin_until = now + spin_;
+    }
     if (now >= deadline) return 0;
     if (now < spin_until) continue;
     if (!armed) {
@@ -1653,11 +1769,25 @@ void VerbsBackend::HelperLoop() {
   const int idle_ms = static_cast<int>(std::max<int64_t>(1, idle_progress_.count() / 1000));
   std::vector<pollfd> fds;
   std::vector<Conn*> watched;
+  // The fd set is rebuilt (under mu_) only when it changed: while the owner
+  // is busy this thread takes no lock at all, so it never holds mu_ when the
+  // scheduler parks it (on a loaded machine that stalled Poll for a tick).
+  uint64_t fds_gen = ~uint64_t{0};
+  bool rebuild = true;
+  uint64_t seen_activity = activity_.load();
+  auto last_idle_check = Clock::now();
+  // While the owner keeps polling or posting, the check backs off (up to 16
+  // periods): each wake-up preempts a busy-polling thread, which costs
+  // latency where cores are scarce. An owner that stops is noticed within
+  // 16 periods, then progressed for every period.
+  auto check_every = idle_progress_;
   while (!stop_.load()) {
-    fds.clear();
-    watched.clear();
-    fds.push_back({helper_wake_fd_, POLLIN, 0});
-    {
+    if (rebuild || fds_gen != helper_fds_gen_.load()) {
+      fds_gen = helper_fds_gen_.load();
+      rebuild = false;
+      fds.clear();
+      watched.clear();
+      fds.push_back({helper_wake_fd_, POLLIN, 0});
       std::lock_guard lk(mu_);
       if (listen_fd_ >= 0) fds.push_back({listen_fd_, POLLIN, 0});
       for (auto& c : conns_) {
@@ -1667,8 +1797,11 @@ void VerbsBackend::HelperLoop() {
         }
       }
     }
+    for (auto& p : fds) p.revents = 0;
     const size_t first_conn = fds.size() - watched.size();
-    ::poll(fds.data(), fds.size(), std::min(idle_ms, 100));
+    const int wait_ms = static_cast<int>(std::max<int64_t>(
+        1, std::chrono::duration_cast<std::chrono::milliseconds>(check_every).count()));
+    ::poll(fds.data(), fds.size(), std::min(std::max(idle_ms, wait_ms), 100));
     if (stop_.load()) break;
     if (fds[0].revents & POLLIN) {
       uint64_t v;
@@ -1685,6 +1818,7 @@ void VerbsBackend::HelperLoop() {
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         HandleAccept(fd, std::string(host) + ":" + serv);
+        rebuild = true;
         WakePollers();
       }
     }
@@ -1708,15 +1842,25 @@ void VerbsBackend::HelperLoop() {
       }
       ::close(c->side_fd);
       c->side_fd = -1;
+      rebuild = true;
       pushed = true;
     }
     // Fallback progress while the owner is away: acks and query replies keep
     // flowing, so peers' completions never wait on this process polling.
-    const int64_t idle_ns = Clock::now().time_since_epoch().count() - last_activity_ns_.load();
-    if (idle_ns >= std::chrono::duration_cast<Clock::duration>(idle_progress_).count()) {
-      std::lock_guard lk(mu_);
-      if (!closed_ && ProgressLocked() > 0) pushed = true;
-      if (!completions_.empty()) pushed = true;
+    // "Away" means no Poll or post for a whole idle_progress period.
+    const auto now = Clock::now();
+    if (now - last_idle_check >= check_every) {
+      last_idle_check = now;
+      const uint64_t activity = activity_.load(std::memory_order_relaxed);
+      if (activity == seen_activity && pollers_.load(std::memory_order_relaxed) == 0) {
+        check_every = idle_progress_;
+        std::lock_guard lk(mu_);
+        if (!closed_ && ProgressLocked(/*flush_acks=*/true) > 0) pushed = true;
+        if (!completions_.empty()) pushed = true;
+      } else {
+        check_every = std::min(check_every * 2, idle_progress_ * 16);
+      }
+      seen_activity = activity;
     }
     if (pushed) WakePollers();
   }

@@ -13,7 +13,9 @@
 //                         channel and sleeps (default 50)
 //   ZIPWIRE_IB_IDLE_PROGRESS_US  how long the backend may sit without Poll or
 //                         post activity before its helper thread makes
-//                         progress (acks, query replies) on its behalf (1000)
+//                         progress (acks, query replies) on its behalf (1000);
+//                         after a long busy stretch the helper looks less
+//                         often, so an owner that stops is noticed within 16x this
 #pragma once
 
 #include <cstddef>
