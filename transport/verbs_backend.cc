@@ -98,6 +98,8 @@
 #include "core/config.h"
 #include "core/log.h"
 #include "transport/backend_util.h"
+#include "transport/gpu_memory.h"
+#include "transport/registration_cache.h"
 
 namespace zipwire::transport {
 namespace {
@@ -131,6 +133,7 @@ enum MsgType : uint8_t {
   kReply = 6,
   kUnreg = 7,
   kEager = 8,  // a small write whose bytes ride in the message (copied at the target)
+  kRead = 9,   // never on the wire: a PostRead's Op
 };
 // REPLY codes: the key is dead, live in host memory, live in other memory.
 enum ReplyCode : uint8_t { kReplyDead = 0, kReplyHost = 1, kReplyDevice = 2 };
@@ -349,6 +352,7 @@ struct Conn {
   std::deque<Header> ctrl_q;
   std::deque<Unacked> unacked;
   std::deque<Nack> peer_nacks;
+  std::deque<std::unique_ptr<Op>> reads;  // fully posted PostReads, in completion order (QP 0)
   std::unordered_map<uint64_t, RemoteInfo> remote;
   // Target side.
   uint64_t rx_seq = 0;
@@ -377,20 +381,25 @@ class VerbsBackend final : public Backend {
     caps_.memory_kinds = {MemoryKind::kHost};
     caps_.max_control_bytes = kVerbsMaxControlBytes;
     caps_.max_write_bytes = kVerbsMaxWriteBytes;
+    caps_.supports_read = true;
   }
   ~VerbsBackend() override;
 
   Status Init(uint32_t nqps, uint64_t stripe_bytes, std::chrono::microseconds spin,
-              std::chrono::microseconds idle_progress);
+              std::chrono::microseconds idle_progress, size_t reg_cache_entries);
 
   const Capabilities& capabilities() const override { return caps_; }
   void SetLocalRank(PeerId self) override { self_.store(self); }
   Result<std::string> Listen() override;
   Status Connect(PeerId peer, const std::string& address) override;
   Result<MemoryRegion> RegisterMemory(void* addr, size_t length, MemoryKind kind) override;
+  Result<std::shared_ptr<ibv_mr>> RegisterHost(void* addr, size_t length);
+  Result<std::shared_ptr<ibv_mr>> RegisterCuda(void* addr, size_t length);
   Status DeregisterMemory(const MemoryRegion& region) override;
   Status PostWrite(PeerId peer, const MemoryRegion& local, uint64_t local_offset, const RemoteRegion& remote,
                    uint64_t remote_offset, uint64_t length, uint32_t imm, uint64_t context) override;
+  Status PostRead(PeerId peer, const MemoryRegion& local, uint64_t local_offset, const RemoteRegion& remote,
+                  uint64_t remote_offset, uint64_t length, uint64_t context) override;
   Status PostSend(PeerId peer, std::span<const uint8_t> message, uint64_t context) override;
   size_t Poll(std::span<Completion> out, std::chrono::milliseconds timeout) override;
   void Close() override;
@@ -445,7 +454,9 @@ class VerbsBackend final : public Backend {
   ibv_gid gid_{};
   ibv_port_attr port_{};
   uint64_t max_msg_ = 0;
+  uint32_t rd_atomic_ = 1;  // RDMA READs in flight per QP, both directions
   std::string device_name_;
+  std::unique_ptr<RegistrationCache> reg_cache_;  // null: every RegisterMemory pins afresh
 
   std::mutex mu_;
   bool closed_ = false;
@@ -478,7 +489,7 @@ class VerbsBackend final : public Backend {
 // Device and setup
 
 Status VerbsBackend::Init(uint32_t nqps, uint64_t stripe_bytes, std::chrono::microseconds spin,
-                          std::chrono::microseconds idle_progress) {
+                          std::chrono::microseconds idle_progress, size_t reg_cache_entries) {
   nqps_ = nqps;
   stripe_bytes_ = stripe_bytes;
   spin_ = spin;
@@ -552,12 +563,27 @@ Status VerbsBackend::Init(uint32_t nqps, uint64_t stripe_bytes, std::chrono::mic
   ibv_device_attr da{};
   if (ibv_query_device(ctx_, &da) != 0) return IoError("verbs: ibv_query_device failed");
   cq_capacity_ = std::min(da.max_cqe, 32768);
+  rd_atomic_ = static_cast<uint32_t>(std::clamp(std::min(da.max_qp_rd_atom, da.max_qp_init_rd_atom), 1, 16));
   cq_ = ibv_create_cq(ctx_, cq_capacity_, nullptr, channel_, 0);
   if (cq_ == nullptr) return IoError("verbs: ibv_create_cq: " + std::string(std::strerror(errno)));
   cq_capacity_ = cq_->cqe;
   poll_wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   helper_wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (poll_wake_fd_ < 0 || helper_wake_fd_ < 0) return IoError("verbs: eventfd failed");
+  // CUDA memory is offered where the driver loads (dlopen, so a machine
+  // without one still runs everything else).
+  if (CudaDriverAvailable().ok()) caps_.memory_kinds.push_back(MemoryKind::kCuda);
+  if (reg_cache_entries > 0) {
+    // The cache's staleness check reads page frame numbers; where they are
+    // hidden, run without it rather than risk a stale registration.
+    static const uint64_t probe = 1;
+    auto frames = PageFrames(reinterpret_cast<uintptr_t>(&probe), sizeof(probe));
+    if (frames.ok()) {
+      reg_cache_ = std::make_unique<RegistrationCache>(reg_cache_entries);
+    } else {
+      ZW_LOG(kInfo, "verbs: registration cache off: " << frames.status().message());
+    }
+  }
   Touch();
   helper_ = std::thread([this] { HelperLoop(); });
   ZW_LOG(kDebug, "verbs: " << device_name_ << " gid[" << gid_index_ << "]=" << GidString(gid_.raw)
@@ -570,6 +596,12 @@ VerbsBackend::~VerbsBackend() {
   for (auto& c : conns_) DestroyConn(c.get());
   conns_.clear();  // releases the registrations queued operations held
   regions_.clear();
+  if (reg_cache_) {
+    const RegistrationCache::Stats st = reg_cache_->stats();
+    ZW_LOG(kDebug, "verbs: registration cache: " << st.hits << " hits, " << st.misses << " misses, "
+                                                 << st.stale << " stale, " << st.evictions << " evicted");
+    reg_cache_.reset();  // deregisters what it held, before the PD goes
+  }
   if (cq_) ibv_destroy_cq(cq_);
   if (channel_) ibv_destroy_comp_channel(channel_);
   if (pd_) ibv_dealloc_pd(pd_);
@@ -646,7 +678,7 @@ Result<std::unique_ptr<Conn>> VerbsBackend::NewConn(PeerId peer, std::string add
     a.qp_state = IBV_QPS_INIT;
     a.pkey_index = 0;
     a.port_num = kPort;
-    a.qp_access_flags = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE;
+    a.qp_access_flags = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
     c->qps.push_back(std::move(q));
     if (ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS) != 0) {
       return fail("ibv_modify_qp(INIT)");
@@ -693,7 +725,7 @@ Status VerbsBackend::ToRts(Conn* c, const Hello& r) {
     c->mtu_bytes = 128u << a.path_mtu;  // IBV_MTU_256 = 1
     a.dest_qp_num = r.qpn[i];
     a.rq_psn = r.psn[i];
-    a.max_dest_rd_atomic = 1;
+    a.max_dest_rd_atomic = static_cast<uint8_t>(rd_atomic_);
     a.min_rnr_timer = 12;  // 0.64 ms between RNR retries
     a.ah_attr.dlid = static_cast<uint16_t>(r.lid);
     a.ah_attr.port_num = kPort;
@@ -716,7 +748,7 @@ Status VerbsBackend::ToRts(Conn* c, const Hello& r) {
     s.retry_cnt = 7;
     s.rnr_retry = 7;  // unbounded: RNR is our receive-side flow control
     s.sq_psn = q->psn;
-    s.max_rd_atomic = 1;
+    s.max_rd_atomic = static_cast<uint8_t>(rd_atomic_);
     if (ibv_modify_qp(q->qp, &s,
                       IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
                           IBV_QP_MAX_QP_RD_ATOMIC) != 0) {
@@ -987,19 +1019,11 @@ Status VerbsBackend::Connect(PeerId peer, const std::string& address) {
 // ---------------------------------------------------------------------------
 // Registration
 
-Result<MemoryRegion> VerbsBackend::RegisterMemory(void* addr, size_t length, MemoryKind kind) {
-  if (kind != MemoryKind::kHost) {
-    return NotSupported(std::string("the verbs backend was built without CUDA support (") +
-                        MemoryKindName(kind) +
-                        " memory needs GPUDirect RDMA: a CUDA build and nvidia-peermem); stage through "
-                        "registered host memory");
-  }
-  if (addr == nullptr || length == 0) return InvalidArgument("RegisterMemory: null address or zero length");
-  {
-    std::lock_guard lk(mu_);
-    if (closed_) return Cancelled("verbs backend closed");
-  }
-  ibv_mr* raw = ibv_reg_mr(pd_, addr, length, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+// Registrations allow remote reads too (PostRead).
+constexpr int kRegAccess = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
+
+Result<std::shared_ptr<ibv_mr>> VerbsBackend::RegisterHost(void* addr, size_t length) {
+  ibv_mr* raw = ibv_reg_mr(pd_, addr, length, kRegAccess);
   if (raw == nullptr) {
     int err = errno;
     if (err == ENOMEM || err == EAGAIN || err == EPERM) {
@@ -1015,9 +1039,84 @@ Result<MemoryRegion> VerbsBackend::RegisterMemory(void* addr, size_t length, Mem
     }
     return IoError("verbs: ibv_reg_mr of " + std::to_string(length) + " bytes failed: " + std::strerror(err));
   }
-  std::shared_ptr<ibv_mr> mr(raw, [](ibv_mr* m) { ibv_dereg_mr(m); });
+  return std::shared_ptr<ibv_mr>(raw, [](ibv_mr* m) { ibv_dereg_mr(m); });
+}
+
+// GPUDirect RDMA: a dma-buf from the driver first, then the device pointer
+// itself (nvidia-peermem); when both fail, one status says why each did.
+Result<std::shared_ptr<ibv_mr>> VerbsBackend::RegisterCuda(void* addr, size_t length) {
+  if (Status st = CudaDriverAvailable(); !st.ok()) {
+    return NotSupported("verbs: cannot register " + std::to_string(length) + " bytes of CUDA memory: " +
+                        st.message());
+  }
+  const uintptr_t a = reinterpret_cast<uintptr_t>(addr);
+  std::string dmabuf_why;
+  auto dmabuf = CudaExportDmabuf(a, length);
+  if (dmabuf.ok()) {
+    ibv_mr* raw = ibv_reg_dmabuf_mr(pd_, dmabuf->offset, dmabuf->length, dmabuf->iova, dmabuf->fd, kRegAccess);
+    const int err = errno;
+    ::close(dmabuf->fd);  // the registration holds its own reference
+    if (raw) return std::shared_ptr<ibv_mr>(raw, [](ibv_mr* m) { ibv_dereg_mr(m); });
+    dmabuf_why = std::string("ibv_reg_dmabuf_mr failed: ") + std::strerror(err);
+  } else {
+    dmabuf_why = dmabuf.status().message();
+  }
+  ibv_mr* raw = ibv_reg_mr(pd_, addr, length, kRegAccess);
+  if (raw) return std::shared_ptr<ibv_mr>(raw, [](ibv_mr* m) { ibv_dereg_mr(m); });
+  const int err = errno;
+  char where[32];
+  std::snprintf(where, sizeof(where), "%#llx", static_cast<unsigned long long>(a));
+  return Unavailable("verbs: cannot register " + std::to_string(length) + " bytes of CUDA memory at " + where +
+                     " on " + device_name_ + ": dma-buf path: " + dmabuf_why +
+                     "; peer-memory path (ibv_reg_mr on the device pointer, needs the nvidia_peermem "
+                     "module): " + std::strerror(err));
+}
+
+Result<MemoryRegion> VerbsBackend::RegisterMemory(void* addr, size_t length, MemoryKind kind) {
+  if (kind != MemoryKind::kHost && kind != MemoryKind::kCuda) {
+    return NotSupported(std::string("verbs backend: unsupported memory kind ") + MemoryKindName(kind));
+  }
+  if (addr == nullptr || length == 0) return InvalidArgument("RegisterMemory: null address or zero length");
+  {
+    std::lock_guard lk(mu_);
+    if (closed_) return Cancelled("verbs backend closed");
+  }
+  std::shared_ptr<ibv_mr> mr;
+  if (kind == MemoryKind::kCuda) {
+    ZW_ASSIGN_OR_RETURN(mr, RegisterCuda(addr, length));
+  } else if (!reg_cache_) {
+    ZW_ASSIGN_OR_RETURN(mr, RegisterHost(addr, length));
+  } else {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(addr);
+    constexpr uintptr_t kPage = 4096;
+    auto now = PageFrames(a, length);
+    if (now.ok()) {
+      // A hit only where the range still maps the very pages the cached
+      // registration pinned (see registration_cache.h).
+      auto hit = reg_cache_->Find(a, length, static_cast<uint32_t>(kind),
+                                  [&](const RegistrationCache::Entry& e, uintptr_t x, size_t) {
+                                    const size_t first = x / kPage - e.begin / kPage;
+                                    return first + now->size() <= e.identity.size() &&
+                                           std::equal(now->begin(), now->end(), e.identity.begin() + first);
+                                  });
+      if (hit) mr = std::shared_ptr<ibv_mr>(hit->handle, static_cast<ibv_mr*>(hit->handle.get()));
+    }
+    if (!mr) {
+      ZW_ASSIGN_OR_RETURN(mr, RegisterHost(addr, length));
+      auto pinned = PageFrames(a, length);  // after pinning every page is present
+      if (pinned.ok() && std::find(pinned->begin(), pinned->end(), 0) == pinned->end()) {
+        RegistrationCache::Entry e;
+        e.begin = a;
+        e.length = length;
+        e.kind = static_cast<uint32_t>(kind);
+        e.handle = mr;
+        e.identity = std::move(*pinned);
+        reg_cache_->Insert(std::move(e));
+      }
+    }
+  }
   std::lock_guard lk(mu_);
-  MemoryRegion r{addr, length, kind, (uint64_t{next_serial_++} << 32) | raw->rkey};
+  MemoryRegion r{addr, length, kind, (uint64_t{next_serial_++} << 32) | mr->rkey};
   regions_.emplace(r.key, Region{r, std::move(mr)});
   return r;
 }
@@ -1042,6 +1141,10 @@ Status VerbsBackend::DeregisterMemory(const MemoryRegion& region) {
       PumpLocked(c);
     }
   }
+  if (reg_cache_) {
+    mr.reset();
+    reg_cache_->Trim();  // the entry may just have become evictable
+  }
   return Status::Ok();
 }
 
@@ -1062,7 +1165,9 @@ Status VerbsBackend::PostFailedOrRefuse(Conn* c, uint8_t type, uint64_t context)
   if (c->error_delivered) return c->failure;
   WakePollers();
   Completion done;
-  done.type = type == kMeta ? CompletionType::kWriteDone : CompletionType::kSendDone;
+  done.type = type == kMeta   ? CompletionType::kWriteDone
+              : type == kRead ? CompletionType::kReadDone
+                              : CompletionType::kSendDone;
   done.status = c->failure;
   done.peer = c->peer;
   done.context = context;
@@ -1112,6 +1217,53 @@ Status VerbsBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t 
   c->data_q.push_back(std::move(op));
   PumpLocked(c);
   if (completions_.size() != before) WakePollers();  // a local refusal or a failure
+  return Status::Ok();
+}
+
+// RDMA READ: the same checks as PostWrite (the remote key's true bounds are
+// learnt by QUERY first, since a read outside them would break the
+// connection); no target involvement after that, kReadDone from the read's
+// own completion.
+Status VerbsBackend::PostRead(PeerId peer, const MemoryRegion& local, uint64_t local_offset,
+                              const RemoteRegion& remote, uint64_t remote_offset, uint64_t length,
+                              uint64_t context) {
+  if (!RangeInside(remote_offset, length, remote.length)) {
+    return OutOfRange("PostRead: remote range [" + std::to_string(remote_offset) + ", +" +
+                      std::to_string(length) + ") is outside remote region key " + std::to_string(remote.key) +
+                      " of " + std::to_string(remote.length) + " bytes");
+  }
+  if (length > kVerbsMaxWriteBytes) {
+    return InvalidArgument("PostRead of " + std::to_string(length) + " bytes exceeds " +
+                           std::to_string(kVerbsMaxWriteBytes));
+  }
+  Touch();
+  std::lock_guard lk(mu_);
+  if (closed_) return Cancelled("verbs backend closed");
+  auto reg = regions_.find(local.key);
+  if (reg == regions_.end() || reg->second.region.addr != local.addr ||
+      reg->second.region.length != local.length) {
+    return InvalidArgument("PostRead: local region key " + std::to_string(local.key) +
+                           " is not a live registration of this backend");
+  }
+  if (!RangeInside(local_offset, length, local.length)) {
+    return OutOfRange("PostRead: local range [" + std::to_string(local_offset) + ", +" + std::to_string(length) +
+                      ") is outside local region key " + std::to_string(local.key) + " of " +
+                      std::to_string(local.length) + " bytes");
+  }
+  ZW_ASSIGN_OR_RETURN(Conn * c, PeerLocked(peer));
+  if (!c->open) return PostFailedOrRefuse(c, kRead, context);
+  std::unique_ptr<Op> op = NewOpLocked();
+  op->type = kRead;
+  op->context = context;
+  op->local = static_cast<const uint8_t*>(local.addr) + local_offset;
+  op->mr = reg->second.mr;
+  op->length = length;
+  op->key = remote.key;
+  op->remote_offset = remote_offset;
+  const size_t before = completions_.size();
+  c->data_q.push_back(std::move(op));
+  PumpLocked(c);
+  if (completions_.size() != before) WakePollers();
   return Status::Ok();
 }
 
@@ -1211,7 +1363,9 @@ void VerbsBackend::PopOpLocked(Conn* c) {
 
 void VerbsBackend::CompleteOpLocked(Conn* c, const Op& op, Status st) {
   Completion done;
-  done.type = op.type == kMeta ? CompletionType::kWriteDone : CompletionType::kSendDone;
+  done.type = op.type == kMeta   ? CompletionType::kWriteDone
+              : op.type == kRead ? CompletionType::kReadDone
+                                 : CompletionType::kSendDone;
   done.status = std::move(st);
   done.peer = c->peer;
   done.context = op.context;
@@ -1262,7 +1416,8 @@ void VerbsBackend::PumpLocked(Conn* c) {
         CompleteOpLocked(
             c, op,
             OutOfRange(
-                c->Name() + " refused the write of " + std::to_string(op.length) + " bytes at offset " +
+                c->Name() + " refused the " + (op.type == kRead ? "read" : "write") + " of " +
+                std::to_string(op.length) + " bytes at offset " +
                 std::to_string(op.remote_offset) + " of region key " + std::to_string(op.key) + ": " +
                 (dead ? "the key is not registered there"
                       : "the range is outside its registration (" + std::to_string(ri.length) + " bytes)")));
@@ -1273,6 +1428,28 @@ void VerbsBackend::PumpLocked(Conn* c) {
       op.remote_addr = ri.addr + op.remote_offset;
       op.rkey = static_cast<uint32_t>(op.key & 0xffffffffu);
       op.remote_host = ri.host;
+    }
+    if (op.type == kRead) {
+      // Chunks of at most max_msg on QP 0, each signalled; once all are
+      // posted the op waits in c->reads for its completions.
+      while (op.issued < op.length || op.length == 0) {
+        if (q0->Free() < 1) return;
+        const uint32_t len = static_cast<uint32_t>(std::min<uint64_t>(max_msg_, op.length - op.issued));
+        ibv_sge sge{reinterpret_cast<uint64_t>(op.local + op.issued), len, op.mr->lkey};
+        ibv_send_wr wr{};
+        wr.sg_list = &sge;
+        wr.num_sge = 1;
+        wr.opcode = IBV_WR_RDMA_READ;
+        wr.wr.rdma.remote_addr = op.remote_addr + op.issued;
+        wr.wr.rdma.rkey = op.rkey;
+        if (!PostChain(c, q0, &wr, 1, &op)) return;
+        ++op.stripes_inflight;
+        op.issued += len;
+        if (op.length == 0) break;
+      }
+      c->reads.push_back(std::move(c->data_q.front()));
+      c->data_q.pop_front();
+      continue;
     }
     // A write that fits one packet with its header goes as one SEND and the
     // target copies it into place (checked against its own table first):
@@ -1476,6 +1653,11 @@ void VerbsBackend::HandleWc(const ibv_wc& wc) {
   q->signaled.pop_front();
   q->completed = s.wr + 1;
   if (s.stripe) --s.stripe->stripes_inflight;
+  // Reads complete in posting order on QP 0: the front one may be done now.
+  while (!c->reads.empty() && c->reads.front()->stripes_inflight == 0) {
+    CompleteOpLocked(c, *c->reads.front(), Status::Ok());
+    c->reads.pop_front();
+  }
   if (s.slot >= 0) c->free_slots.push_back(static_cast<uint32_t>(s.slot));
 }
 
@@ -1635,6 +1817,8 @@ void VerbsBackend::FailLocked(Conn* c, const Status& st, bool emit_peer_error) {
     Push(std::move(done));
   }
   c->unacked.clear();
+  for (auto& op : c->reads) CompleteOpLocked(c, *op, st);
+  c->reads.clear();
   for (auto& op : c->data_q) CompleteOpLocked(c, *op, st);
   while (!c->data_q.empty()) PopOpLocked(c);
   c->ctrl_q.clear();
@@ -1886,9 +2070,11 @@ Result<std::unique_ptr<Backend>> CreateVerbsBackend(const BackendOptions& option
   ZW_ASSIGN_OR_RETURN(uint64_t spin_us, EnvUint("IB_SPIN_US", 50));
   ZW_ASSIGN_OR_RETURN(uint64_t idle_us, EnvUint("IB_IDLE_PROGRESS_US", 1000));
   if (idle_us == 0) return InvalidArgument("ZIPWIRE_IB_IDLE_PROGRESS_US must be positive");
+  ZW_ASSIGN_OR_RETURN(uint64_t cache_entries, EnvUint("IB_REG_CACHE", 64));
+  if (cache_entries > (uint64_t{1} << 20)) return InvalidArgument("ZIPWIRE_IB_REG_CACHE out of range");
   auto b = std::make_unique<VerbsBackend>(options);
   ZW_RETURN_IF_ERROR(b->Init(static_cast<uint32_t>(nqps), stripe, std::chrono::microseconds(spin_us),
-                             std::chrono::microseconds(idle_us)));
+                             std::chrono::microseconds(idle_us), static_cast<size_t>(cache_entries)));
   return std::unique_ptr<Backend>(std::move(b));
 }
 
