@@ -17,14 +17,21 @@
 // carrying {imm, key, offset, length}; RC ordering guarantees the bytes have
 // landed when META is delivered, and the user's 32-bit immediate travels
 // intact. (Write-with-imm would save a work request, but its 32 bits cannot
-// hold the key/offset/length the target must check.) With ZIPWIRE_IB_QPS > 1
+// hold the key/offset/length the target must check.) A write small enough to
+// share one MTU-sized packet with its header (both ends host memory) goes
+// eagerly instead: one SEND carrying header and bytes, which the target checks
+// against its own table and copies into place before reporting kWriteImm; one
+// packet instead of two is most of a small write's latency. With ZIPWIRE_IB_QPS > 1
 // a large write's stripes go out signalled on all QPs, and META follows on
 // QP 0 once every stripe's completion (the responder's ack) is in.
 //
 // Completion semantics match the tcp backend: META and SEND messages are
 // numbered in posting order; the target acknowledges cumulatively once its
-// Poll has processed them (one ACK per progress pass, or piggy-backed on any
-// message), and an initiator's kWriteDone / kSendDone comes from that ack.
+// Poll has processed them, piggy-backed on any message it sends; a bare ACK
+// goes out only when the application let a whole further progress pass go by
+// without answering, when kAckBatch messages wait, or from the helper thread
+// (so a ping-pong costs one packet each way, a stream one ACK per pass). An
+// initiator's kWriteDone / kSendDone comes from that ack.
 // A META the target refuses (key not live, range outside it) is NACKed.
 //
 // Range safety. A remote write outside the target's memory region would
@@ -50,7 +57,8 @@
 // Poll busy-polls the CQ for ZIPWIRE_IB_SPIN_US, then arms the completion
 // channel and sleeps in poll() on its fd (plus an eventfd the helper thread
 // pokes). The helper thread accepts side-channel connections, watches the
-// side channels for EOF, and makes progress only while the owner is idle.
+// side channels for EOF, and makes progress only while the owner is idle; it
+// takes no lock and reads no clock of the owner's while the owner is busy.
 // It runs each handshake itself, bounded by 5 s: a client that connects and
 // says nothing delays other accepts (not established peers) by that much.
 //
@@ -90,6 +98,8 @@
 #include "core/config.h"
 #include "core/log.h"
 #include "transport/backend_util.h"
+#include "transport/gpu_memory.h"
+#include "transport/registration_cache.h"
 
 namespace zipwire::transport {
 namespace {
@@ -105,15 +115,28 @@ constexpr uint32_t kSignalEvery = 32;  // selective signalling period
 constexpr uint32_t kSendSlots = 64;    // registered buffers for messages too big to inline
 constexpr size_t kPollBatch = 32;
 constexpr size_t kMaxWcPerProgress = 1024;  // completion moderation per pass
+constexpr uint64_t kAckBatch = 32;          // unacknowledged messages that force a bare ACK
 constexpr uint8_t kPort = 1;
 constexpr uint64_t kRecvBit = uint64_t{1} << 63;
 
 constexpr uint64_t kHelloMagic = 0x3176005642495a57ull;  // "WZIBV\0v1"
-constexpr uint32_t kWireVersion = 1;
+constexpr uint32_t kWireVersion = 2;  // 2: eager writes, REPLY says the memory kind
 constexpr size_t kHelloBytes = 240;
 constexpr size_t kReasonBytes = 64;
 
-enum MsgType : uint8_t { kMeta = 1, kSend = 2, kAck = 3, kNack = 4, kQuery = 5, kReply = 6, kUnreg = 7 };
+enum MsgType : uint8_t {
+  kMeta = 1,
+  kSend = 2,
+  kAck = 3,
+  kNack = 4,
+  kQuery = 5,
+  kReply = 6,
+  kUnreg = 7,
+  kEager = 8,  // a small write whose bytes ride in the message (copied at the target)
+  kRead = 9,   // never on the wire: a PostRead's Op
+};
+// REPLY codes: the key is dead, live in host memory, live in other memory.
+enum ReplyCode : uint8_t { kReplyDead = 0, kReplyHost = 1, kReplyDevice = 2 };
 enum NackCode : uint8_t { kNackUnknownKey = 1, kNackOutOfRange = 2 };
 
 using internal::GetLE;
@@ -255,6 +278,8 @@ struct Op {
   uint64_t key = 0;
   uint64_t remote_offset = 0;
   uint32_t imm = 0;
+  bool local_host = false;   // the CPU may read the source (eager writes)
+  bool remote_host = false;  // ... and write the target (from the key's REPLY)
   // kSend
   std::vector<uint8_t> payload;
   // Striping: bytes issued so far and stripes posted but not completed.
@@ -280,6 +305,7 @@ struct Nack {
 
 struct RemoteInfo {
   enum State : uint8_t { kPending, kLive, kDead } state = kPending;
+  bool host = false;  // the target can copy eager bytes into it
   uint64_t addr = 0;
   uint64_t length = 0;
 };
@@ -310,6 +336,7 @@ struct Conn {
   std::vector<uint8_t> recv_slab, send_slab;
   std::vector<uint32_t> free_slots;  // of send_slab
   uint32_t max_inline = 0;           // what the provider granted for these QPs
+  uint32_t mtu_bytes = 256;          // the path MTU, set at RTR
   ibv_mr* recv_mr = nullptr;
   ibv_mr* send_mr = nullptr;
   int side_fd = -1;  // owned by the helper thread once established
@@ -325,11 +352,13 @@ struct Conn {
   std::deque<Header> ctrl_q;
   std::deque<Unacked> unacked;
   std::deque<Nack> peer_nacks;
+  std::deque<std::unique_ptr<Op>> reads;  // fully posted PostReads, in completion order (QP 0)
   std::unordered_map<uint64_t, RemoteInfo> remote;
   // Target side.
   uint64_t rx_seq = 0;
   uint64_t ack_sent = 0;
   bool ack_dirty = false;
+  uint64_t ack_arm_pass = 0;  // the progress pass that first left a message unacknowledged
 
   std::string Name() const { return "peer " + std::to_string(peer) + " (" + address + ")"; }
 };
@@ -352,28 +381,33 @@ class VerbsBackend final : public Backend {
     caps_.memory_kinds = {MemoryKind::kHost};
     caps_.max_control_bytes = kVerbsMaxControlBytes;
     caps_.max_write_bytes = kVerbsMaxWriteBytes;
+    caps_.supports_read = true;
   }
   ~VerbsBackend() override;
 
   Status Init(uint32_t nqps, uint64_t stripe_bytes, std::chrono::microseconds spin,
-              std::chrono::microseconds idle_progress);
+              std::chrono::microseconds idle_progress, size_t reg_cache_entries);
 
   const Capabilities& capabilities() const override { return caps_; }
   void SetLocalRank(PeerId self) override { self_.store(self); }
   Result<std::string> Listen() override;
   Status Connect(PeerId peer, const std::string& address) override;
   Result<MemoryRegion> RegisterMemory(void* addr, size_t length, MemoryKind kind) override;
+  Result<std::shared_ptr<ibv_mr>> RegisterHost(void* addr, size_t length);
+  Result<std::shared_ptr<ibv_mr>> RegisterCuda(void* addr, size_t length);
   Status DeregisterMemory(const MemoryRegion& region) override;
   Status PostWrite(PeerId peer, const MemoryRegion& local, uint64_t local_offset, const RemoteRegion& remote,
                    uint64_t remote_offset, uint64_t length, uint32_t imm, uint64_t context) override;
+  Status PostRead(PeerId peer, const MemoryRegion& local, uint64_t local_offset, const RemoteRegion& remote,
+                  uint64_t remote_offset, uint64_t length, uint64_t context) override;
   Status PostSend(PeerId peer, std::span<const uint8_t> message, uint64_t context) override;
   size_t Poll(std::span<Completion> out, std::chrono::milliseconds timeout) override;
   void Close() override;
 
  private:
-  void Touch() {
-    last_activity_ns_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
-  }
+  // No clock read: the helper thread only needs to know whether anything
+  // happened since it last looked (clock reads are syscalls on some VMs).
+  void Touch() { activity_.fetch_add(1, std::memory_order_relaxed); }
   // Setup.
   Result<std::unique_ptr<Conn>> NewConn(PeerId peer, std::string address, uint32_t nqps);
   Status ToRts(Conn* c, const Hello& remote);
@@ -381,7 +415,7 @@ class VerbsBackend final : public Backend {
   void DestroyConn(Conn* c);
   void HandleAccept(int fd, std::string address);
   // Progress (mu_ held).
-  size_t ProgressLocked();
+  size_t ProgressLocked(bool flush_acks = false);
   void HandleWc(const ibv_wc& wc);
   void ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len);
   bool ApplyAck(Conn* c, uint64_t ack);
@@ -392,6 +426,9 @@ class VerbsBackend final : public Backend {
   bool PostChain(Conn* c, Qp* q, ibv_send_wr* wrs, size_t n, Op* stripe, int32_t slot = -1);
   bool PostRecv(Conn* c, uint32_t slot);
   void CompleteOpLocked(Conn* c, const Op& op, Status st);
+  // Ops are recycled, so a post allocates nothing once the pool is warm.
+  std::unique_ptr<Op> NewOpLocked();
+  void PopOpLocked(Conn* c);
   void FailLocked(Conn* c, const Status& st, bool emit_peer_error);
   Status PostFailedOrRefuse(Conn* c, uint8_t type, uint64_t context);
   Result<Conn*> PeerLocked(PeerId peer);
@@ -417,7 +454,9 @@ class VerbsBackend final : public Backend {
   ibv_gid gid_{};
   ibv_port_attr port_{};
   uint64_t max_msg_ = 0;
+  uint32_t rd_atomic_ = 1;  // RDMA READs in flight per QP, both directions
   std::string device_name_;
+  std::unique_ptr<RegistrationCache> reg_cache_;  // null: every RegisterMemory pins afresh
 
   std::mutex mu_;
   bool closed_ = false;
@@ -429,6 +468,10 @@ class VerbsBackend final : public Backend {
   std::unordered_map<uint32_t, Qp*> qp_by_uid_;
   uint32_t next_qp_uid_ = 1;
   std::vector<Conn*> ack_dirty_;
+  std::vector<std::unique_ptr<Op>> op_pool_;
+  std::vector<ibv_sge> chain_sges_;  // scratch for WRITE chains; grows, never shrinks
+  std::vector<ibv_send_wr> chain_wrs_;
+  uint64_t progress_pass_ = 0;
 
   int listen_fd_ = -1;
   std::string listen_address_;
@@ -436,7 +479,9 @@ class VerbsBackend final : public Backend {
   int helper_wake_fd_ = -1;  // eventfd: the helper's fd set changed / stop
   std::atomic<bool> stop_{false};
   std::thread helper_;
-  std::atomic<int64_t> last_activity_ns_{0};
+  std::atomic<uint64_t> activity_{0};  // bumped by every Poll and post
+  std::atomic<int> pollers_{0};        // threads inside Poll (they make progress themselves)
+  std::atomic<uint64_t> helper_fds_gen_{0};  // bumped when the helper's fd set changes
   std::mt19937 rng_{std::random_device{}()};
 };
 
@@ -444,7 +489,7 @@ class VerbsBackend final : public Backend {
 // Device and setup
 
 Status VerbsBackend::Init(uint32_t nqps, uint64_t stripe_bytes, std::chrono::microseconds spin,
-                          std::chrono::microseconds idle_progress) {
+                          std::chrono::microseconds idle_progress, size_t reg_cache_entries) {
   nqps_ = nqps;
   stripe_bytes_ = stripe_bytes;
   spin_ = spin;
@@ -518,12 +563,27 @@ Status VerbsBackend::Init(uint32_t nqps, uint64_t stripe_bytes, std::chrono::mic
   ibv_device_attr da{};
   if (ibv_query_device(ctx_, &da) != 0) return IoError("verbs: ibv_query_device failed");
   cq_capacity_ = std::min(da.max_cqe, 32768);
+  rd_atomic_ = static_cast<uint32_t>(std::clamp(std::min(da.max_qp_rd_atom, da.max_qp_init_rd_atom), 1, 16));
   cq_ = ibv_create_cq(ctx_, cq_capacity_, nullptr, channel_, 0);
   if (cq_ == nullptr) return IoError("verbs: ibv_create_cq: " + std::string(std::strerror(errno)));
   cq_capacity_ = cq_->cqe;
   poll_wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   helper_wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (poll_wake_fd_ < 0 || helper_wake_fd_ < 0) return IoError("verbs: eventfd failed");
+  // CUDA memory is offered where the driver loads (dlopen, so a machine
+  // without one still runs everything else).
+  if (CudaDriverAvailable().ok()) caps_.memory_kinds.push_back(MemoryKind::kCuda);
+  if (reg_cache_entries > 0) {
+    // The cache's staleness check reads page frame numbers; where they are
+    // hidden, run without it rather than risk a stale registration.
+    static const uint64_t probe = 1;
+    auto frames = PageFrames(reinterpret_cast<uintptr_t>(&probe), sizeof(probe));
+    if (frames.ok()) {
+      reg_cache_ = std::make_unique<RegistrationCache>(reg_cache_entries);
+    } else {
+      ZW_LOG(kInfo, "verbs: registration cache off: " << frames.status().message());
+    }
+  }
   Touch();
   helper_ = std::thread([this] { HelperLoop(); });
   ZW_LOG(kDebug, "verbs: " << device_name_ << " gid[" << gid_index_ << "]=" << GidString(gid_.raw)
@@ -536,6 +596,12 @@ VerbsBackend::~VerbsBackend() {
   for (auto& c : conns_) DestroyConn(c.get());
   conns_.clear();  // releases the registrations queued operations held
   regions_.clear();
+  if (reg_cache_) {
+    const RegistrationCache::Stats st = reg_cache_->stats();
+    ZW_LOG(kDebug, "verbs: registration cache: " << st.hits << " hits, " << st.misses << " misses, "
+                                                 << st.stale << " stale, " << st.evictions << " evicted");
+    reg_cache_.reset();  // deregisters what it held, before the PD goes
+  }
   if (cq_) ibv_destroy_cq(cq_);
   if (channel_) ibv_destroy_comp_channel(channel_);
   if (pd_) ibv_dealloc_pd(pd_);
@@ -612,7 +678,7 @@ Result<std::unique_ptr<Conn>> VerbsBackend::NewConn(PeerId peer, std::string add
     a.qp_state = IBV_QPS_INIT;
     a.pkey_index = 0;
     a.port_num = kPort;
-    a.qp_access_flags = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE;
+    a.qp_access_flags = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
     c->qps.push_back(std::move(q));
     if (ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS) != 0) {
       return fail("ibv_modify_qp(INIT)");
@@ -656,9 +722,10 @@ Status VerbsBackend::ToRts(Conn* c, const Hello& r) {
     ibv_qp_attr a{};
     a.qp_state = IBV_QPS_RTR;
     a.path_mtu = static_cast<ibv_mtu>(std::min<uint32_t>(r.mtu, port_.active_mtu));
+    c->mtu_bytes = 128u << a.path_mtu;  // IBV_MTU_256 = 1
     a.dest_qp_num = r.qpn[i];
     a.rq_psn = r.psn[i];
-    a.max_dest_rd_atomic = 1;
+    a.max_dest_rd_atomic = static_cast<uint8_t>(rd_atomic_);
     a.min_rnr_timer = 12;  // 0.64 ms between RNR retries
     a.ah_attr.dlid = static_cast<uint16_t>(r.lid);
     a.ah_attr.port_num = kPort;
@@ -681,7 +748,7 @@ Status VerbsBackend::ToRts(Conn* c, const Hello& r) {
     s.retry_cnt = 7;
     s.rnr_retry = 7;  // unbounded: RNR is our receive-side flow control
     s.sq_psn = q->psn;
-    s.max_rd_atomic = 1;
+    s.max_rd_atomic = static_cast<uint8_t>(rd_atomic_);
     if (ibv_modify_qp(q->qp, &s,
                       IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
                           IBV_QP_MAX_QP_RD_ATOMIC) != 0) {
@@ -728,6 +795,7 @@ Result<std::string> VerbsBackend::Listen() {
   lk.lock();
   listen_fd_ = fd;
   listen_address_ = options_.listen_host + ":" + std::to_string(bound);
+  helper_fds_gen_.fetch_add(1);
   lk.unlock();
   uint64_t one64 = 1;
   [[maybe_unused]] ssize_t w = ::write(helper_wake_fd_, &one64, 8);
@@ -942,6 +1010,7 @@ Status VerbsBackend::Connect(PeerId peer, const std::string& address) {
   c->established = c->open = true;
   by_peer_[peer] = c.get();
   conns_.push_back(std::move(c));
+  helper_fds_gen_.fetch_add(1);
   uint64_t one64 = 1;
   [[maybe_unused]] ssize_t w = ::write(helper_wake_fd_, &one64, 8);
   return Status::Ok();
@@ -950,19 +1019,11 @@ Status VerbsBackend::Connect(PeerId peer, const std::string& address) {
 // ---------------------------------------------------------------------------
 // Registration
 
-Result<MemoryRegion> VerbsBackend::RegisterMemory(void* addr, size_t length, MemoryKind kind) {
-  if (kind != MemoryKind::kHost) {
-    return NotSupported(std::string("the verbs backend was built without CUDA support (") +
-                        MemoryKindName(kind) +
-                        " memory needs GPUDirect RDMA: a CUDA build and nvidia-peermem); stage through "
-                        "registered host memory");
-  }
-  if (addr == nullptr || length == 0) return InvalidArgument("RegisterMemory: null address or zero length");
-  {
-    std::lock_guard lk(mu_);
-    if (closed_) return Cancelled("verbs backend closed");
-  }
-  ibv_mr* raw = ibv_reg_mr(pd_, addr, length, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+// Registrations allow remote reads too (PostRead).
+constexpr int kRegAccess = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
+
+Result<std::shared_ptr<ibv_mr>> VerbsBackend::RegisterHost(void* addr, size_t length) {
+  ibv_mr* raw = ibv_reg_mr(pd_, addr, length, kRegAccess);
   if (raw == nullptr) {
     int err = errno;
     if (err == ENOMEM || err == EAGAIN || err == EPERM) {
@@ -978,9 +1039,84 @@ Result<MemoryRegion> VerbsBackend::RegisterMemory(void* addr, size_t length, Mem
     }
     return IoError("verbs: ibv_reg_mr of " + std::to_string(length) + " bytes failed: " + std::strerror(err));
   }
-  std::shared_ptr<ibv_mr> mr(raw, [](ibv_mr* m) { ibv_dereg_mr(m); });
+  return std::shared_ptr<ibv_mr>(raw, [](ibv_mr* m) { ibv_dereg_mr(m); });
+}
+
+// GPUDirect RDMA: a dma-buf from the driver first, then the device pointer
+// itself (nvidia-peermem); when both fail, one status says why each did.
+Result<std::shared_ptr<ibv_mr>> VerbsBackend::RegisterCuda(void* addr, size_t length) {
+  if (Status st = CudaDriverAvailable(); !st.ok()) {
+    return NotSupported("verbs: cannot register " + std::to_string(length) + " bytes of CUDA memory: " +
+                        st.message());
+  }
+  const uintptr_t a = reinterpret_cast<uintptr_t>(addr);
+  std::string dmabuf_why;
+  auto dmabuf = CudaExportDmabuf(a, length);
+  if (dmabuf.ok()) {
+    ibv_mr* raw = ibv_reg_dmabuf_mr(pd_, dmabuf->offset, dmabuf->length, dmabuf->iova, dmabuf->fd, kRegAccess);
+    const int err = errno;
+    ::close(dmabuf->fd);  // the registration holds its own reference
+    if (raw) return std::shared_ptr<ibv_mr>(raw, [](ibv_mr* m) { ibv_dereg_mr(m); });
+    dmabuf_why = std::string("ibv_reg_dmabuf_mr failed: ") + std::strerror(err);
+  } else {
+    dmabuf_why = dmabuf.status().message();
+  }
+  ibv_mr* raw = ibv_reg_mr(pd_, addr, length, kRegAccess);
+  if (raw) return std::shared_ptr<ibv_mr>(raw, [](ibv_mr* m) { ibv_dereg_mr(m); });
+  const int err = errno;
+  char where[32];
+  std::snprintf(where, sizeof(where), "%#llx", static_cast<unsigned long long>(a));
+  return Unavailable("verbs: cannot register " + std::to_string(length) + " bytes of CUDA memory at " + where +
+                     " on " + device_name_ + ": dma-buf path: " + dmabuf_why +
+                     "; peer-memory path (ibv_reg_mr on the device pointer, needs the nvidia_peermem "
+                     "module): " + std::strerror(err));
+}
+
+Result<MemoryRegion> VerbsBackend::RegisterMemory(void* addr, size_t length, MemoryKind kind) {
+  if (kind != MemoryKind::kHost && kind != MemoryKind::kCuda) {
+    return NotSupported(std::string("verbs backend: unsupported memory kind ") + MemoryKindName(kind));
+  }
+  if (addr == nullptr || length == 0) return InvalidArgument("RegisterMemory: null address or zero length");
+  {
+    std::lock_guard lk(mu_);
+    if (closed_) return Cancelled("verbs backend closed");
+  }
+  std::shared_ptr<ibv_mr> mr;
+  if (kind == MemoryKind::kCuda) {
+    ZW_ASSIGN_OR_RETURN(mr, RegisterCuda(addr, length));
+  } else if (!reg_cache_) {
+    ZW_ASSIGN_OR_RETURN(mr, RegisterHost(addr, length));
+  } else {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(addr);
+    constexpr uintptr_t kPage = 4096;
+    auto now = PageFrames(a, length);
+    if (now.ok()) {
+      // A hit only where the range still maps the very pages the cached
+      // registration pinned (see registration_cache.h).
+      auto hit = reg_cache_->Find(a, length, static_cast<uint32_t>(kind),
+                                  [&](const RegistrationCache::Entry& e, uintptr_t x, size_t) {
+                                    const size_t first = x / kPage - e.begin / kPage;
+                                    return first + now->size() <= e.identity.size() &&
+                                           std::equal(now->begin(), now->end(), e.identity.begin() + first);
+                                  });
+      if (hit) mr = std::shared_ptr<ibv_mr>(hit->handle, static_cast<ibv_mr*>(hit->handle.get()));
+    }
+    if (!mr) {
+      ZW_ASSIGN_OR_RETURN(mr, RegisterHost(addr, length));
+      auto pinned = PageFrames(a, length);  // after pinning every page is present
+      if (pinned.ok() && std::find(pinned->begin(), pinned->end(), 0) == pinned->end()) {
+        RegistrationCache::Entry e;
+        e.begin = a;
+        e.length = length;
+        e.kind = static_cast<uint32_t>(kind);
+        e.handle = mr;
+        e.identity = std::move(*pinned);
+        reg_cache_->Insert(std::move(e));
+      }
+    }
+  }
   std::lock_guard lk(mu_);
-  MemoryRegion r{addr, length, kind, (uint64_t{next_serial_++} << 32) | raw->rkey};
+  MemoryRegion r{addr, length, kind, (uint64_t{next_serial_++} << 32) | mr->rkey};
   regions_.emplace(r.key, Region{r, std::move(mr)});
   return r;
 }
@@ -1005,6 +1141,10 @@ Status VerbsBackend::DeregisterMemory(const MemoryRegion& region) {
       PumpLocked(c);
     }
   }
+  if (reg_cache_) {
+    mr.reset();
+    reg_cache_->Trim();  // the entry may just have become evictable
+  }
   return Status::Ok();
 }
 
@@ -1025,7 +1165,9 @@ Status VerbsBackend::PostFailedOrRefuse(Conn* c, uint8_t type, uint64_t context)
   if (c->error_delivered) return c->failure;
   WakePollers();
   Completion done;
-  done.type = type == kMeta ? CompletionType::kWriteDone : CompletionType::kSendDone;
+  done.type = type == kMeta   ? CompletionType::kWriteDone
+              : type == kRead ? CompletionType::kReadDone
+                              : CompletionType::kSendDone;
   done.status = c->failure;
   done.peer = c->peer;
   done.context = context;
@@ -1061,7 +1203,7 @@ Status VerbsBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t 
   }
   ZW_ASSIGN_OR_RETURN(Conn * c, PeerLocked(peer));
   if (!c->open) return PostFailedOrRefuse(c, kMeta, context);
-  auto op = std::make_unique<Op>();
+  std::unique_ptr<Op> op = NewOpLocked();
   op->type = kMeta;
   op->context = context;
   op->local = static_cast<const uint8_t*>(local.addr) + local_offset;
@@ -1070,10 +1212,58 @@ Status VerbsBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t 
   op->key = remote.key;
   op->remote_offset = remote_offset;
   op->imm = imm;
+  op->local_host = local.kind == MemoryKind::kHost;
   const size_t before = completions_.size();
   c->data_q.push_back(std::move(op));
   PumpLocked(c);
   if (completions_.size() != before) WakePollers();  // a local refusal or a failure
+  return Status::Ok();
+}
+
+// RDMA READ: the same checks as PostWrite (the remote key's true bounds are
+// learnt by QUERY first, since a read outside them would break the
+// connection); no target involvement after that, kReadDone from the read's
+// own completion.
+Status VerbsBackend::PostRead(PeerId peer, const MemoryRegion& local, uint64_t local_offset,
+                              const RemoteRegion& remote, uint64_t remote_offset, uint64_t length,
+                              uint64_t context) {
+  if (!RangeInside(remote_offset, length, remote.length)) {
+    return OutOfRange("PostRead: remote range [" + std::to_string(remote_offset) + ", +" +
+                      std::to_string(length) + ") is outside remote region key " + std::to_string(remote.key) +
+                      " of " + std::to_string(remote.length) + " bytes");
+  }
+  if (length > kVerbsMaxWriteBytes) {
+    return InvalidArgument("PostRead of " + std::to_string(length) + " bytes exceeds " +
+                           std::to_string(kVerbsMaxWriteBytes));
+  }
+  Touch();
+  std::lock_guard lk(mu_);
+  if (closed_) return Cancelled("verbs backend closed");
+  auto reg = regions_.find(local.key);
+  if (reg == regions_.end() || reg->second.region.addr != local.addr ||
+      reg->second.region.length != local.length) {
+    return InvalidArgument("PostRead: local region key " + std::to_string(local.key) +
+                           " is not a live registration of this backend");
+  }
+  if (!RangeInside(local_offset, length, local.length)) {
+    return OutOfRange("PostRead: local range [" + std::to_string(local_offset) + ", +" + std::to_string(length) +
+                      ") is outside local region key " + std::to_string(local.key) + " of " +
+                      std::to_string(local.length) + " bytes");
+  }
+  ZW_ASSIGN_OR_RETURN(Conn * c, PeerLocked(peer));
+  if (!c->open) return PostFailedOrRefuse(c, kRead, context);
+  std::unique_ptr<Op> op = NewOpLocked();
+  op->type = kRead;
+  op->context = context;
+  op->local = static_cast<const uint8_t*>(local.addr) + local_offset;
+  op->mr = reg->second.mr;
+  op->length = length;
+  op->key = remote.key;
+  op->remote_offset = remote_offset;
+  const size_t before = completions_.size();
+  c->data_q.push_back(std::move(op));
+  PumpLocked(c);
+  if (completions_.size() != before) WakePollers();
   return Status::Ok();
 }
 
@@ -1086,7 +1276,7 @@ Status VerbsBackend::PostSend(PeerId peer, std::span<const uint8_t> message, uin
   std::lock_guard lk(mu_);
   ZW_ASSIGN_OR_RETURN(Conn * c, PeerLocked(peer));
   if (!c->open) return PostFailedOrRefuse(c, kSend, context);
-  auto op = std::make_unique<Op>();
+  std::unique_ptr<Op> op = NewOpLocked();
   op->type = kSend;
   op->context = context;
   op->payload.assign(message.begin(), message.end());
@@ -1153,9 +1343,29 @@ bool VerbsBackend::PostMessage(Conn* c, Header h, const uint8_t* payload, size_t
 
 bool VerbsBackend::PostCtrl(Conn* c, Header h) { return PostMessage(c, h, nullptr, 0); }
 
+std::unique_ptr<Op> VerbsBackend::NewOpLocked() {
+  if (op_pool_.empty()) return std::make_unique<Op>();
+  std::unique_ptr<Op> op = std::move(op_pool_.back());
+  op_pool_.pop_back();
+  return op;
+}
+
+void VerbsBackend::PopOpLocked(Conn* c) {
+  std::unique_ptr<Op> op = std::move(c->data_q.front());
+  c->data_q.pop_front();
+  if (op_pool_.size() >= 1024) return;  // bounded: a burst does not pin memory forever
+  std::vector<uint8_t> payload = std::move(op->payload);  // keeps its capacity
+  payload.clear();
+  *op = Op{};
+  op->payload = std::move(payload);
+  op_pool_.push_back(std::move(op));
+}
+
 void VerbsBackend::CompleteOpLocked(Conn* c, const Op& op, Status st) {
   Completion done;
-  done.type = op.type == kMeta ? CompletionType::kWriteDone : CompletionType::kSendDone;
+  done.type = op.type == kMeta   ? CompletionType::kWriteDone
+              : op.type == kRead ? CompletionType::kReadDone
+                                 : CompletionType::kSendDone;
   done.status = std::move(st);
   done.peer = c->peer;
   done.context = op.context;
@@ -1184,7 +1394,7 @@ void VerbsBackend::PumpLocked(Conn* c) {
       if (!PostMessage(c, h, op.payload.data(), op.payload.size())) return;
       ++c->next_seq;
       c->unacked.push_back(Unacked{seq, kSend, op.context, 0, 0, op.payload.size(), nullptr});
-      c->data_q.pop_front();
+      PopOpLocked(c);
       continue;
     }
     if (!op.started) {
@@ -1206,16 +1416,62 @@ void VerbsBackend::PumpLocked(Conn* c) {
         CompleteOpLocked(
             c, op,
             OutOfRange(
-                c->Name() + " refused the write of " + std::to_string(op.length) + " bytes at offset " +
+                c->Name() + " refused the " + (op.type == kRead ? "read" : "write") + " of " +
+                std::to_string(op.length) + " bytes at offset " +
                 std::to_string(op.remote_offset) + " of region key " + std::to_string(op.key) + ": " +
                 (dead ? "the key is not registered there"
                       : "the range is outside its registration (" + std::to_string(ri.length) + " bytes)")));
-        c->data_q.pop_front();
+        PopOpLocked(c);
         continue;
       }
       op.started = true;
       op.remote_addr = ri.addr + op.remote_offset;
       op.rkey = static_cast<uint32_t>(op.key & 0xffffffffu);
+      op.remote_host = ri.host;
+    }
+    if (op.type == kRead) {
+      // Chunks of at most max_msg on QP 0, each signalled; once all are
+      // posted the op waits in c->reads for its completions.
+      while (op.issued < op.length || op.length == 0) {
+        if (q0->Free() < 1) return;
+        const uint32_t len = static_cast<uint32_t>(std::min<uint64_t>(max_msg_, op.length - op.issued));
+        ibv_sge sge{reinterpret_cast<uint64_t>(op.local + op.issued), len, op.mr->lkey};
+        ibv_send_wr wr{};
+        wr.sg_list = &sge;
+        wr.num_sge = 1;
+        wr.opcode = IBV_WR_RDMA_READ;
+        wr.wr.rdma.remote_addr = op.remote_addr + op.issued;
+        wr.wr.rdma.rkey = op.rkey;
+        if (!PostChain(c, q0, &wr, 1, &op)) return;
+        ++op.stripes_inflight;
+        op.issued += len;
+        if (op.length == 0) break;
+      }
+      c->reads.push_back(std::move(c->data_q.front()));
+      c->data_q.pop_front();
+      continue;
+    }
+    // A write that fits one packet with its header goes as one SEND and the
+    // target copies it into place (checked against its own table first):
+    // one packet instead of WRITE + META, which is what latency is made of.
+    // Both ends must be host memory: the CPUs touch the bytes.
+    const bool eager = op.local_host && op.remote_host && op.length > 0 &&
+                       kHeaderBytes + op.length <= std::min<size_t>(c->mtu_bytes, kSlotBytes);
+    if (eager) {
+      if (!CanPostMessage(c, op.length)) return;
+      Header h;
+      h.type = kEager;
+      h.imm = op.imm;
+      h.key = op.key;
+      h.offset = op.remote_offset;
+      h.length = op.length;
+      const uint64_t seq = c->next_seq;
+      if (!PostMessage(c, h, op.local, op.length)) return;
+      ++c->next_seq;
+      // The bytes were copied at post: the source registration is not needed.
+      c->unacked.push_back(Unacked{seq, kMeta, op.context, op.key, op.remote_offset, op.length, nullptr});
+      PopOpLocked(c);
+      continue;
     }
     const bool striped = c->qps.size() > 1 && op.length >= 2 * stripe_bytes_;
     if (!striped) {
@@ -1226,13 +1482,18 @@ void VerbsBackend::PumpLocked(Conn* c) {
       if (q0->Free() < nwrites + 1 || (!meta_inline && c->free_slots.empty())) {
         if (nwrites + 1 > kSendDepth) {  // cannot happen with max_msg >= 4 MiB; keep it a value
           CompleteOpLocked(c, op, Internal("write needs more WRs than the send queue holds"));
-          c->data_q.pop_front();
+          PopOpLocked(c);
           continue;
         }
         return;
       }
-      std::vector<ibv_sge> sges(nwrites + 1);
-      std::vector<ibv_send_wr> wrs(nwrites + 1);
+      if (chain_wrs_.size() < nwrites + 1) {
+        chain_sges_.resize(nwrites + 1);
+        chain_wrs_.resize(nwrites + 1);
+      }
+      ibv_sge* sges = chain_sges_.data();
+      ibv_send_wr* wrs = chain_wrs_.data();
+      std::fill_n(wrs, nwrites + 1, ibv_send_wr{});
       for (size_t i = 0; i < nwrites; ++i) {
         uint64_t off = i * chunk;
         uint32_t len = static_cast<uint32_t>(std::min<uint64_t>(chunk, op.length - off));
@@ -1268,10 +1529,10 @@ void VerbsBackend::PumpLocked(Conn* c) {
       wrs[nwrites].opcode = IBV_WR_SEND;
       if (meta_inline) wrs[nwrites].send_flags = IBV_SEND_INLINE;
       const uint64_t seq = c->next_seq;
-      if (!PostChain(c, q0, wrs.data(), wrs.size(), nullptr, slot_index)) return;
+      if (!PostChain(c, q0, wrs, nwrites + 1, nullptr, slot_index)) return;
       ++c->next_seq;
       c->unacked.push_back(Unacked{seq, kMeta, op.context, op.key, op.remote_offset, op.length, op.mr});
-      c->data_q.pop_front();
+      PopOpLocked(c);
       continue;
     }
     // Striped: stripe i goes to QP i % n, each signalled; META follows once
@@ -1303,7 +1564,7 @@ void VerbsBackend::PumpLocked(Conn* c) {
     if (!PostMessage(c, h, nullptr, 0)) return;
     ++c->next_seq;
     c->unacked.push_back(Unacked{seq, kMeta, op.context, op.key, op.remote_offset, op.length, op.mr});
-    c->data_q.pop_front();
+    PopOpLocked(c);
   }
 }
 
@@ -1321,7 +1582,8 @@ bool VerbsBackend::PostRecv(Conn* c, uint32_t slot) {
 // ---------------------------------------------------------------------------
 // Progress (mu_ held)
 
-size_t VerbsBackend::ProgressLocked() {
+size_t VerbsBackend::ProgressLocked(bool flush_acks) {
+  ++progress_pass_;
   ibv_wc wc[kPollBatch];
   size_t total = 0;
   while (total < kMaxWcPerProgress) {
@@ -1330,21 +1592,31 @@ size_t VerbsBackend::ProgressLocked() {
     for (int i = 0; i < n; ++i) HandleWc(wc[i]);
     total += static_cast<size_t>(n);
   }
-  // One cumulative ACK per peer per pass (completion moderation), unless a
-  // message already carried it.
+  // Every message carries the cumulative ack, so a bare ACK is only sent when
+  // the application had a whole progress pass (one more Poll) to answer and
+  // did not, when many messages wait, or when the helper thread progresses
+  // for an absent owner. A ping-pong then costs one packet each way, and a
+  // stream still gets at most one ACK per pass (completion moderation).
+  size_t keep = 0;
   for (Conn* c : ack_dirty_) {
+    if (!c->open || c->rx_seq <= c->ack_sent) {
+      c->ack_dirty = false;
+      continue;
+    }
+    if (!flush_acks && progress_pass_ == c->ack_arm_pass && c->rx_seq - c->ack_sent < kAckBatch) {
+      ack_dirty_[keep++] = c;
+      continue;
+    }
     c->ack_dirty = false;
-    if (c->open && c->rx_seq > c->ack_sent) {
-      Header h;
-      h.type = kAck;
-      if (c->ctrl_q.empty() && CanPostMessage(c, 0)) {
-        PostCtrl(c, h);
-      } else {
-        c->ctrl_q.push_back(h);
-      }
+    Header h;
+    h.type = kAck;
+    if (c->ctrl_q.empty() && CanPostMessage(c, 0)) {
+      PostCtrl(c, h);
+    } else {
+      c->ctrl_q.push_back(h);
     }
   }
-  ack_dirty_.clear();
+  ack_dirty_.resize(keep);
   if (total > 0) {
     for (auto& [peer, c] : by_peer_) PumpLocked(c);
   }
@@ -1381,6 +1653,11 @@ void VerbsBackend::HandleWc(const ibv_wc& wc) {
   q->signaled.pop_front();
   q->completed = s.wr + 1;
   if (s.stripe) --s.stripe->stripes_inflight;
+  // Reads complete in posting order on QP 0: the front one may be done now.
+  while (!c->reads.empty() && c->reads.front()->stripes_inflight == 0) {
+    CompleteOpLocked(c, *c->reads.front(), Status::Ok());
+    c->reads.pop_front();
+  }
   if (s.slot >= 0) c->free_slots.push_back(static_cast<uint32_t>(s.slot));
 }
 
@@ -1420,7 +1697,7 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
   };
   if (len < kHeaderBytes) return corrupt(std::to_string(len) + " bytes");
   Header h = DecodeHeader(buf);
-  if (h.type != kSend && len != kHeaderBytes) return corrupt("trailing bytes");
+  if (h.type != kSend && h.type != kEager && len != kHeaderBytes) return corrupt("trailing bytes");
   if (h.type == kNack) {
     uint64_t last = c->peer_nacks.empty() ? c->peer_acked : std::max(c->peer_acked, c->peer_nacks.back().seq);
     if (h.key <= last || h.key >= c->next_seq || h.ack < h.key)
@@ -1432,7 +1709,9 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
     case kAck:
     case kNack:
       break;
-    case kMeta: {
+    case kMeta:
+    case kEager: {
+      if (h.type == kEager && h.length != len - kHeaderBytes) return corrupt("eager write length mismatch");
       ++c->rx_seq;
       // Never trust the initiator's idea of our region: check our table.
       auto it = regions_.find(h.key);
@@ -1441,6 +1720,10 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
         refuse = kNackUnknownKey;
       } else if (!RangeInside(h.offset, h.length, it->second.region.length)) {
         refuse = kNackOutOfRange;
+      } else if (h.type == kEager && it->second.region.kind != MemoryKind::kHost) {
+        refuse = kNackUnknownKey;  // our REPLY said device memory; a correct peer never does this
+      } else if (h.type == kEager) {
+        std::memcpy(static_cast<uint8_t*>(it->second.region.addr) + h.offset, buf + kHeaderBytes, h.length);
       }
       if (refuse) {
         ZW_LOG(kWarn, "verbs: refused WRITE from " << c->Name() << ": key " << h.key << " offset " << h.offset
@@ -1478,7 +1761,7 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
       r.key = h.key;
       auto it = regions_.find(h.key);
       if (it != regions_.end()) {
-        r.code = 1;
+        r.code = it->second.region.kind == MemoryKind::kHost ? kReplyHost : kReplyDevice;
         r.offset = reinterpret_cast<uint64_t>(it->second.region.addr);
         r.length = it->second.region.length;
       }
@@ -1489,7 +1772,8 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
       auto it = c->remote.find(h.key);
       if (it == c->remote.end()) return corrupt("REPLY for a key never queried");
       if (it->second.state != RemoteInfo::kPending) break;  // an UNREG overtook it
-      it->second.state = h.code ? RemoteInfo::kLive : RemoteInfo::kDead;
+      it->second.state = h.code != kReplyDead ? RemoteInfo::kLive : RemoteInfo::kDead;
+      it->second.host = h.code == kReplyHost;
       it->second.addr = h.offset;
       it->second.length = h.length;
       break;
@@ -1505,6 +1789,7 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
   }
   if (!c->ack_dirty) {
     c->ack_dirty = true;
+    c->ack_arm_pass = progress_pass_;
     ack_dirty_.push_back(c);
   }
 }
@@ -1532,8 +1817,10 @@ void VerbsBackend::FailLocked(Conn* c, const Status& st, bool emit_peer_error) {
     Push(std::move(done));
   }
   c->unacked.clear();
+  for (auto& op : c->reads) CompleteOpLocked(c, *op, st);
+  c->reads.clear();
   for (auto& op : c->data_q) CompleteOpLocked(c, *op, st);
-  c->data_q.clear();
+  while (!c->data_q.empty()) PopOpLocked(c);
   c->ctrl_q.clear();
   c->peer_nacks.clear();
   if (emit_peer_error) {
@@ -1560,8 +1847,15 @@ void VerbsBackend::WakePollers() {
 size_t VerbsBackend::Poll(std::span<Completion> out, std::chrono::milliseconds timeout) {
   if (out.empty()) return 0;
   Touch();
-  const auto deadline = Clock::now() + timeout;
-  const auto spin_until = Clock::now() + spin_;
+  pollers_.fetch_add(1, std::memory_order_relaxed);
+  struct Leave {
+    std::atomic<int>& n;
+    ~Leave() { n.fetch_sub(1, std::memory_order_relaxed); }
+  } leave{pollers_};
+  // Clock reads only once a pass found nothing: a busy-polling caller
+  // (timeout 0) never reads the clock here.
+  Clock::time_point deadline{}, spin_until{};
+  bool timed = false;
   auto take = [&]() -> size_t {
     size_t n = 0;
     while (n < out.size() && !completions_.empty()) {
@@ -1589,7 +1883,13 @@ size_t VerbsBackend::Poll(std::span<Completion> out, std::chrono::milliseconds t
       ProgressLocked();
       if (size_t n = take()) return n;
     }
+    if (timeout.count() <= 0) return 0;
     const auto now = Clock::now();
+    if (!timed) {
+      timed = true;
+      deadline = now + timeout;
+      spin_until = now + spin_;
+    }
     if (now >= deadline) return 0;
     if (now < spin_until) continue;
     if (!armed) {
@@ -1653,11 +1953,25 @@ void VerbsBackend::HelperLoop() {
   const int idle_ms = static_cast<int>(std::max<int64_t>(1, idle_progress_.count() / 1000));
   std::vector<pollfd> fds;
   std::vector<Conn*> watched;
+  // The fd set is rebuilt (under mu_) only when it changed: while the owner
+  // is busy this thread takes no lock at all, so it never holds mu_ when the
+  // scheduler parks it (on a loaded machine that stalled Poll for a tick).
+  uint64_t fds_gen = ~uint64_t{0};
+  bool rebuild = true;
+  uint64_t seen_activity = activity_.load();
+  auto last_idle_check = Clock::now();
+  // While the owner keeps polling or posting, the check backs off (up to 16
+  // periods): each wake-up preempts a busy-polling thread, which costs
+  // latency where cores are scarce. An owner that stops is noticed within
+  // 16 periods, then progressed for every period.
+  auto check_every = idle_progress_;
   while (!stop_.load()) {
-    fds.clear();
-    watched.clear();
-    fds.push_back({helper_wake_fd_, POLLIN, 0});
-    {
+    if (rebuild || fds_gen != helper_fds_gen_.load()) {
+      fds_gen = helper_fds_gen_.load();
+      rebuild = false;
+      fds.clear();
+      watched.clear();
+      fds.push_back({helper_wake_fd_, POLLIN, 0});
       std::lock_guard lk(mu_);
       if (listen_fd_ >= 0) fds.push_back({listen_fd_, POLLIN, 0});
       for (auto& c : conns_) {
@@ -1667,8 +1981,11 @@ void VerbsBackend::HelperLoop() {
         }
       }
     }
+    for (auto& p : fds) p.revents = 0;
     const size_t first_conn = fds.size() - watched.size();
-    ::poll(fds.data(), fds.size(), std::min(idle_ms, 100));
+    const int wait_ms = static_cast<int>(std::max<int64_t>(
+        1, std::chrono::duration_cast<std::chrono::milliseconds>(check_every).count()));
+    ::poll(fds.data(), fds.size(), std::min(std::max(idle_ms, wait_ms), 100));
     if (stop_.load()) break;
     if (fds[0].revents & POLLIN) {
       uint64_t v;
@@ -1685,6 +2002,7 @@ void VerbsBackend::HelperLoop() {
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         HandleAccept(fd, std::string(host) + ":" + serv);
+        rebuild = true;
         WakePollers();
       }
     }
@@ -1708,15 +2026,25 @@ void VerbsBackend::HelperLoop() {
       }
       ::close(c->side_fd);
       c->side_fd = -1;
+      rebuild = true;
       pushed = true;
     }
     // Fallback progress while the owner is away: acks and query replies keep
     // flowing, so peers' completions never wait on this process polling.
-    const int64_t idle_ns = Clock::now().time_since_epoch().count() - last_activity_ns_.load();
-    if (idle_ns >= std::chrono::duration_cast<Clock::duration>(idle_progress_).count()) {
-      std::lock_guard lk(mu_);
-      if (!closed_ && ProgressLocked() > 0) pushed = true;
-      if (!completions_.empty()) pushed = true;
+    // "Away" means no Poll or post for a whole idle_progress period.
+    const auto now = Clock::now();
+    if (now - last_idle_check >= check_every) {
+      last_idle_check = now;
+      const uint64_t activity = activity_.load(std::memory_order_relaxed);
+      if (activity == seen_activity && pollers_.load(std::memory_order_relaxed) == 0) {
+        check_every = idle_progress_;
+        std::lock_guard lk(mu_);
+        if (!closed_ && ProgressLocked(/*flush_acks=*/true) > 0) pushed = true;
+        if (!completions_.empty()) pushed = true;
+      } else {
+        check_every = std::min(check_every * 2, idle_progress_ * 16);
+      }
+      seen_activity = activity;
     }
     if (pushed) WakePollers();
   }
@@ -1742,9 +2070,11 @@ Result<std::unique_ptr<Backend>> CreateVerbsBackend(const BackendOptions& option
   ZW_ASSIGN_OR_RETURN(uint64_t spin_us, EnvUint("IB_SPIN_US", 50));
   ZW_ASSIGN_OR_RETURN(uint64_t idle_us, EnvUint("IB_IDLE_PROGRESS_US", 1000));
   if (idle_us == 0) return InvalidArgument("ZIPWIRE_IB_IDLE_PROGRESS_US must be positive");
+  ZW_ASSIGN_OR_RETURN(uint64_t cache_entries, EnvUint("IB_REG_CACHE", 64));
+  if (cache_entries > (uint64_t{1} << 20)) return InvalidArgument("ZIPWIRE_IB_REG_CACHE out of range");
   auto b = std::make_unique<VerbsBackend>(options);
   ZW_RETURN_IF_ERROR(b->Init(static_cast<uint32_t>(nqps), stripe, std::chrono::microseconds(spin_us),
-                             std::chrono::microseconds(idle_us)));
+                             std::chrono::microseconds(idle_us), static_cast<size_t>(cache_entries)));
   return std::unique_ptr<Backend>(std::move(b));
 }
 

@@ -13,7 +13,17 @@
 //                         channel and sleeps (default 50)
 //   ZIPWIRE_IB_IDLE_PROGRESS_US  how long the backend may sit without Poll or
 //                         post activity before its helper thread makes
-//                         progress (acks, query replies) on its behalf (1000)
+//                         progress (acks, query replies) on its behalf (1000);
+//                         after a long busy stretch the helper looks less
+//                         often, so an owner that stops is noticed within 16x this
+//   ZIPWIRE_IB_REG_CACHE  registrations kept after DeregisterMemory for reuse by
+//                         a later RegisterMemory of the same pages (default 64;
+//                         0: off). Needs CAP_SYS_ADMIN for its staleness check
+//                         (page frame numbers), else it stays off; see
+//                         registration_cache.h for the method and its limits.
+//
+// CUDA memory (MemoryKind::kCuda) is accepted where libcuda.so.1 loads at run
+// time: dma-buf registration first, nvidia-peermem second (gpu_memory.h).
 #pragma once
 
 #include <cstddef>

@@ -133,7 +133,9 @@ RW=()
 if [ -n "${SOFTROCE_RW_DIR:-}" ]; then
   RW_DIR=$(readlink -f "$SOFTROCE_RW_DIR")
   RW=(-virtfs "local,path=$RW_DIR,mount_tag=zwrw,security_model=none")
-  printf 'mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 zwrw %q\n' "$RW_DIR" >"$X/pre"
+  # mkdir: the guest's /tmp is a fresh tmpfs, so a directory under /tmp needs its mount point.
+  printf 'mkdir -p %q && mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 zwrw %q\n' \
+    "$RW_DIR" "$RW_DIR" >"$X/pre"
 fi
 echo "$VETH" >"$X/veth"
 
@@ -187,11 +189,17 @@ CPU=max
 # Under heavy host load a TCG boot has been seen to stall before userspace:
 # give the boot its own watchdog and retry once.
 BOOT_TIMEOUT=${SOFTROCE_BOOT_TIMEOUT:-120}
+# Under TCG the kernel distrusts the TSC and falls back to the HPET, whose
+# every read is an emulated MMIO access under QEMU's global lock: then each
+# clock_gettime() is a syscall of several microseconds that stalls the other
+# vCPU too. A trusted TSC keeps clock_gettime() in the vDSO, as on real
+# hardware (perftest reads the TSC directly, so it never paid this).
+KAPPEND=${SOFTROCE_KAPPEND-clocksource=tsc tsc=reliable}
 boot() {
   rm -f "$X/started" "$X/rc"
   timeout -k 5 "$TIMEOUT" "$QEMU" -accel "$ACCEL" -cpu "$CPU" -smp "$SMP" -m "$MEM" \
     -M q35 "${BIOS[@]}" -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
-    -kernel "$CACHE/vmlinux" -initrd "$CACHE/initrd.cpio" -append "console=ttyS0 quiet panic=-1" \
+    -kernel "$CACHE/vmlinux" -initrd "$CACHE/initrd.cpio" -append "console=ttyS0 quiet panic=-1 $KAPPEND" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs "local,path=$CACHE/k/lib/modules,mount_tag=kmods,security_model=none,readonly=on" \
     -virtfs "local,path=$X,mount_tag=zwx,security_model=none" "${RW[@]}" </dev/null 2>"$X/qemu.err" &
