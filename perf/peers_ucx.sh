@@ -162,4 +162,15 @@ for row in sys.argv[1:]:
     holds = ratio >= limit if op == "ge" else ratio <= limit
     print(fmt % (path, what, "%.2f" % zw, "%.2f" % peer, "%.2f" % ratio,
                  (">= " if op == "ge" else "<= ") + "%g" % limit, "yes" if holds else "no"))
+# The same as markdown rows (compare_peers.sh's summary reads these).
+print()
+print("| figure | zipwire -t ucx | ucx_perftest | ratio | limit | holds |")
+print("| --- | --- | --- | --- | --- | --- |")
+for row in sys.argv[1:]:
+    path, what, zw, peer, op, limit = row.split("|")
+    zw, peer, limit = float(zw), float(peer), float(limit)
+    ratio = zw / peer if peer > 0 else float("inf")
+    holds = ratio >= limit if op == "ge" else ratio <= limit
+    print("| ucx %s %s | %.2f | %.2f | %.3f | %s %g | %s |" % (path, what, zw, peer, ratio,
+          ">=" if op == "ge" else "<=", limit, "yes" if holds else "no"))
 EOF
