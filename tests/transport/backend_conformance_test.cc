@@ -381,40 +381,6 @@ TEST_P(BackendTest, StaleKeyAfterReregistrationIsRefused) {
   EXPECT_EQ(dst[16], 0);  // the stale write never landed
 }
 
-// The optional PostRead section (capabilities().supports_read).
-TEST_P(BackendTest, ReadsFetchRemoteBytes) {
-  if (!a_.backend->capabilities().supports_read) {
-    std::vector<uint8_t> buf(64), far(64);
-    MemoryRegion l = Register(a_, buf), r = Register(b_, far);
-    EXPECT_EQ(a_.backend->PostRead(1, l, 0, ToRemote(r), 0, 8, 1).code(), StatusCode::kNotSupported);
-    GTEST_SKIP() << "backend offers no PostRead";
-  }
-  // Small (eager) and large (rendezvous) reads, at odd offsets.
-  constexpr size_t kBig = size_t{8} << 20;
-  std::vector<uint8_t> remote(kBig + 4096), local(kBig + 4096, 0xEE);
-  FillRandom(remote, 7);
-  MemoryRegion l = Register(a_, local), r = Register(b_, remote);
-  ASSERT_TRUE(a_.backend->PostRead(1, l, 1, ToRemote(r), 3, 100, 1).ok());
-  ASSERT_TRUE(a_.backend->PostRead(1, l, 200, ToRemote(r), 777, kBig, 2).ok());
-  ASSERT_TRUE(a_.backend->PostRead(1, l, 0, ToRemote(r), 0, 0, 3).ok());  // empty read is fine
-  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] { return a_.Count(CompletionType::kReadDone) == 3; }));
-  std::set<uint64_t> ctx;
-  for (const auto& c : a_.Take(CompletionType::kReadDone)) {
-    EXPECT_TRUE(c.status.ok()) << c.status.ToString();
-    EXPECT_EQ(c.peer, 1u);
-    ctx.insert(c.context);
-  }
-  EXPECT_EQ(ctx, (std::set<uint64_t>{1, 2, 3}));
-  EXPECT_EQ(local[0], 0xEE);
-  EXPECT_EQ(std::memcmp(local.data() + 1, remote.data() + 3, 100), 0);
-  EXPECT_EQ(local[101], 0xEE);
-  EXPECT_EQ(Checksum(local.data() + 200, kBig), Checksum(remote.data() + 777, kBig));
-  EXPECT_EQ(local[200 + kBig], 0xEE);
-  // The target reports nothing for reads.
-  for (int i = 0; i < 10; ++i) b_.Pump(1ms);
-  EXPECT_TRUE(b_.got.empty());
-}
-
 TEST_P(BackendTest, ReadSeesEarlierWrites) {
   if (!a_.backend->capabilities().supports_read) GTEST_SKIP() << "backend offers no PostRead";
   constexpr size_t kBytes = size_t{4} << 20;
@@ -426,39 +392,6 @@ TEST_P(BackendTest, ReadSeesEarlierWrites) {
   ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] { return a_.Count(CompletionType::kReadDone) == 1; }));
   EXPECT_TRUE(a_.Take(CompletionType::kReadDone)[0].status.ok());
   EXPECT_EQ(back, src);
-}
-
-TEST_P(BackendTest, OutOfRangeReadsRefused) {
-  if (!a_.backend->capabilities().supports_read) GTEST_SKIP() << "backend offers no PostRead";
-  std::vector<uint8_t> local(8192, 0), remote(8192, 0x77);
-  MemoryRegion l = Register(a_, local);
-  auto r = b_.backend->RegisterMemory(remote.data(), 4096, MemoryKind::kHost);
-  ASSERT_TRUE(r.ok());
-  auto code = [&](uint64_t loff, const RemoteRegion& rr, uint64_t roff, uint64_t len) {
-    return a_.backend->PostRead(1, l, loff, rr, roff, len, 0).code();
-  };
-  EXPECT_EQ(code(8000, ToRemote(*r), 0, 300), StatusCode::kOutOfRange);              // past local end
-  EXPECT_EQ(code(0, ToRemote(*r), 4000, 100), StatusCode::kOutOfRange);              // past remote end
-  EXPECT_EQ(code(0, ToRemote(*r), UINT64_MAX - 10, 100), StatusCode::kOutOfRange);  // wraps
-  // The target does not trust the initiator's RemoteRegion: a forged length
-  // and an unknown key are refused there, and nothing is read.
-  RemoteRegion forged = ToRemote(*r);
-  forged.length = 8192;
-  RemoteRegion unknown = ToRemote(*r);
-  unknown.key += 1000;
-  ASSERT_TRUE(a_.backend->PostRead(1, l, 0, forged, 2048, 4096, 11).ok());
-  ASSERT_TRUE(a_.backend->PostRead(1, l, 0, unknown, 0, 16, 12).ok());
-  ASSERT_TRUE(a_.backend->PostRead(1, l, 100, ToRemote(*r), 0, 16, 13).ok());  // still works after
-  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] { return a_.Count(CompletionType::kReadDone) == 3; }));
-  std::map<uint64_t, Status> by_ctx;
-  for (auto& c : a_.Take(CompletionType::kReadDone)) by_ctx[c.context] = c.status;
-  EXPECT_EQ(by_ctx[11].code(), StatusCode::kOutOfRange) << by_ctx[11].ToString();
-  EXPECT_NE(by_ctx[11].message().find("peer 1"), std::string::npos) << by_ctx[11].ToString();
-  EXPECT_EQ(by_ctx[12].code(), StatusCode::kOutOfRange) << by_ctx[12].ToString();
-  EXPECT_TRUE(by_ctx[13].ok()) << by_ctx[13].ToString();
-  for (size_t i = 0; i < 100; ++i) ASSERT_EQ(local[i], 0) << "byte " << i << " was read";
-  EXPECT_EQ(local[100], 0x77);
-  EXPECT_EQ(a_.Count(CompletionType::kPeerError) + b_.Count(CompletionType::kPeerError), 0u);
 }
 
 // For tests that need operations to stay pending: the backends' fallback
@@ -532,34 +465,6 @@ void RunPeerLoss(Node& a, Node& b, bool destroy) {
 TEST_P(PendingOpsTest, PeerCloseFailsPendingOperations) { RunPeerLoss(a_, b_, /*destroy=*/false); }
 
 TEST_P(PendingOpsTest, PeerDestroyFailsPendingOperations) { RunPeerLoss(a_, b_, /*destroy=*/true); }
-
-// The target goes away while reads from it are in flight (it never polls,
-// so none is answered): each fails once with a status, nothing hangs.
-TEST_P(PendingOpsTest, PeerCloseFailsPendingReads) {
-  if (!a_.backend->capabilities().supports_read) GTEST_SKIP() << "backend offers no PostRead";
-  constexpr int kReads = 32;
-  constexpr size_t kChunk = 1 << 20;
-  std::vector<uint8_t> local(kReads * kChunk), remote(kReads * kChunk, 5);
-  MemoryRegion l = Register(a_, local), r = Register(b_, remote);
-  for (int i = 0; i < kReads; ++i) {
-    ASSERT_TRUE(a_.backend->PostRead(1, l, i * kChunk, ToRemote(r), i * kChunk, kChunk, i).ok());
-  }
-  a_.Pump(0ms);
-  b_.backend->Close();
-  ASSERT_TRUE(PumpUntil({&a_}, [&] {
-    return a_.Count(CompletionType::kReadDone) == kReads && a_.Count(CompletionType::kPeerError) >= 1;
-  }));
-  std::set<uint64_t> ctx;
-  for (const auto& c : a_.Take(CompletionType::kReadDone)) {
-    EXPECT_TRUE(ctx.insert(c.context).second) << "completed twice: " << c.context;
-    EXPECT_EQ(c.status.code(), StatusCode::kPeerClosed) << c.status.ToString();
-  }
-  EXPECT_EQ(ctx.size(), static_cast<size_t>(kReads));
-  EXPECT_EQ(a_.backend->PostRead(1, l, 0, ToRemote(r), 0, 8, 0).code(), StatusCode::kPeerClosed);
-  size_t before = a_.got.size();
-  for (int i = 0; i < 10; ++i) a_.Pump(1ms);
-  EXPECT_EQ(a_.got.size(), before);
-}
 
 TEST_P(PendingOpsTest, LocalCloseCancelsPendingOperations) {
   constexpr int kOps = 64;
