@@ -17,8 +17,9 @@
 // Wire format: header (codec kDithering, param_bytes 0,
 // param_word = s | natural << 16 | max_norm << 17, other bits zero,
 // payload_bytes = 4 + ceil(n * w / 8), w = ceil(log2(s + 1)) + 1), then
-//   norm: binary32, finite, >= +0 (l2: sqrt of the double sum of squares,
-//         rounded to float; max: max |x|);
+//   norm: binary32, finite, >= +0 (l2: (float)sqrt(sum), the sum of squares
+//         in double in the canonical order of kernels/canonical_sum.h, shared
+//         with the CUDA encoder; max: max |x|);
 //   codes: n codes of w bits, code = level << 1 | sign, element j at bits
 //          [j*w, (j+1)*w) of the little-endian bit stream; padding bits 0.
 // Decode: linear level l -> l * (norm / s) (float), natural -> norm * 2^(l-s);
@@ -39,6 +40,7 @@
 #include <cstring>
 #include <limits>
 
+#include "kernels/canonical_sum.h"
 #include "kernels/codec_internal.h"
 #include "kernels/philox.h"
 
@@ -63,27 +65,27 @@ size_t PayloadFor(size_t n, uint32_t w) {
   return internal::SatAdd(4, bits / 8 + (bits % 8 != 0 ? 1 : 0));
 }
 
-// The norm, or a status for input it cannot quantise.
-Result<float> NormOf(std::span<const float> x, bool max_norm) {
-  if (max_norm) {
-    uint32_t m = 0;
-    for (float v : x) m = std::max(m, std::bit_cast<uint32_t>(v) & 0x7fffffffu);
-    if (m >= 0x7f800000u) return InvalidArgument("dithering: input has a NaN or infinity");
-    return std::bit_cast<float>(m);
-  }
-  // Lanes so the double sum vectorises without reassociation by the compiler.
-  double acc[8] = {};
-  const size_t n = x.size();
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (size_t l = 0; l < 8; ++l) acc[l] += static_cast<double>(x[i + l]) * x[i + l];
-  }
-  for (; i < n; ++i) acc[0] += static_cast<double>(x[i]) * x[i];
-  const double sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+// The norm of a chunk from its max |x| bits or its canonical sum of squares,
+// or a status for input it cannot quantise.
+Result<float> NormFromMax(uint32_t max_abs_bits) {
+  if (max_abs_bits >= 0x7f800000u) return InvalidArgument("dithering: input has a NaN or infinity");
+  return std::bit_cast<float>(max_abs_bits);
+}
+Result<float> NormFromSquares(double sum) {
   if (!std::isfinite(sum)) return InvalidArgument("dithering: input has a NaN or infinity");
   const float norm = static_cast<float>(std::sqrt(sum));
   if (!(norm <= FLT_MAX)) return InvalidArgument("dithering: the L2 norm overflows float");
   return norm;
+}
+uint32_t MaxAbsBits(const float* x, size_t n) {
+  uint32_t m = 0;
+  for (size_t i = 0; i < n; ++i) m = std::max(m, std::bit_cast<uint32_t>(x[i]) & 0x7fffffffu);
+  return m;
+}
+
+Result<float> NormOf(std::span<const float> x, bool max_norm) {
+  if (max_norm) return NormFromMax(MaxAbsBits(x.data(), x.size()));
+  return NormFromSquares(CanonicalSquareSumOf(x.data(), x.size()));
 }
 
 // Codes of x[0..len) into codes[], draws u[] (len of them).
@@ -126,6 +128,28 @@ void Quantise(const Config& c, float norm, const float* x, const uint32_t* u, si
     }
   }
 }
+
+// The decoded value of a (valid) code, computed exactly as Decode does:
+// linear level l -> (float)l * (norm / s), natural -> table[l] = norm * 2^(l-s),
+// the sign bit OR-ed in.
+class Levels {
+ public:
+  Levels(const Config& c, float norm) : natural_(c.natural), step_(norm / static_cast<float>(c.s)) {
+    if (natural_) {
+      for (uint32_t l = 1; l <= c.s; ++l) table_[l] = std::ldexp(norm, static_cast<int>(l) - static_cast<int>(c.s));
+    }
+  }
+  float Value(uint32_t code) const {
+    const uint32_t l = code >> 1;
+    const float mag = natural_ ? table_[l] : static_cast<float>(l) * step_;
+    return std::bit_cast<float>(std::bit_cast<uint32_t>(mag) | (code & 1u) << 31);
+  }
+
+ private:
+  bool natural_;
+  float step_;
+  float table_[33] = {};
+};
 
 // Little-endian bit stream of w-bit codes.
 class BitWriter {
@@ -208,15 +232,8 @@ class DitheringCodec final : public Codec {
     ZW_RETURN_IF_ERROR(internal::CheckOutputSize(*this, input.size(), out.size()));
     const size_t n = input.size();
     ZW_ASSIGN_OR_RETURN(float norm, NormOf(input, c_.max_norm));
-    const size_t payload = PayloadFor(n, c_.bits());
-    WireHeader h;
-    h.codec = CodecId::kDithering;
-    h.elements = n;
-    h.payload_bytes = payload;
-    h.param_word = c_.word();
-    EncodeHeader(h, out.first<WireHeader::kBytes>());
+    const size_t payload = WriteHead(n, norm, out);
     uint8_t* p = out.data() + WireHeader::kBytes;
-    internal::StoreF32(p, norm);
     const PhiloxStream stream(ctx.seed, ctx.tensor_id, ctx.chunk_index, ctx.step, PhiloxPurpose::kDithering);
     BitWriter writer(p + 4, c_.bits());
     uint32_t u[kBlock], codes[kBlock];
@@ -225,6 +242,57 @@ class DitheringCodec final : public Codec {
       stream.Fill(base / 4, (len + 3) / 4, u);  // base is a multiple of 4
       Quantise(c_, norm, input.data() + base, u, len, codes);
       writer.Put(codes, len);
+    }
+    writer.Finish();
+    return WireHeader::kBytes + payload;
+  }
+
+  // Two passes instead of three: the norm of y = x + e (y is not stored, so
+  // rejected input leaves the residual as it was), then, a block at a time in
+  // cache, y again, its codes, and e' = y + -(decode of the code), exactly as
+  // DecompressAccumulate(-1) would compute it.
+  Result<size_t> CompressWithFeedback(std::span<const float> input, std::span<float> residual, FeedbackState& state,
+                                      std::span<uint8_t> out, const CodecContext& ctx) const override {
+    ZW_RETURN_IF_ERROR(internal::CheckOutputSize(*this, input.size(), out.size()));
+    if (residual.size() != input.size()) {
+      return InvalidArgument("dithering: residual of " + std::to_string(residual.size()) + " elements for " +
+                             std::to_string(input.size()) + " inputs");
+    }
+    state.deferred = false;  // never deferred
+    const size_t n = input.size();
+    const float* x = input.data();
+    float* e = residual.data();
+    float y[kBlock];
+    float norm;
+    {
+      const CpuIsa isa = ActiveIsa();
+      uint32_t max_bits = 0;
+      double sum = 0.0;
+      float seg[kCanonicalSegment];  // one segment of y, summed while in cache
+      for (size_t base = 0; base < n; base += kCanonicalSegment) {
+        const size_t len = std::min(kCanonicalSegment, n - base);
+        for (size_t i = 0; i < len; ++i) seg[i] = e[base + i] + x[base + i];
+        if (c_.max_norm) {
+          max_bits = std::max(max_bits, MaxAbsBits(seg, len));
+        } else {
+          sum += CanonicalSquareSumOf(seg, len, isa);  // a whole segment's total
+        }
+      }
+      ZW_ASSIGN_OR_RETURN(norm, c_.max_norm ? NormFromMax(max_bits) : NormFromSquares(sum));
+    }
+    const size_t payload = WriteHead(n, norm, out);
+    uint8_t* p = out.data() + WireHeader::kBytes;
+    const PhiloxStream stream(ctx.seed, ctx.tensor_id, ctx.chunk_index, ctx.step, PhiloxPurpose::kDithering);
+    BitWriter writer(p + 4, c_.bits());
+    const Levels levels(c_, norm);
+    uint32_t u[kBlock], codes[kBlock];
+    for (size_t base = 0; base < n; base += kBlock) {
+      const size_t len = std::min(kBlock, n - base);
+      for (size_t i = 0; i < len; ++i) y[i] = e[base + i] + x[base + i];
+      stream.Fill(base / 4, (len + 3) / 4, u);
+      Quantise(c_, norm, y, u, len, codes);
+      writer.Put(codes, len);
+      for (size_t i = 0; i < len; ++i) e[base + i] = y[i] + -levels.Value(codes[i]);
     }
     writer.Finish();
     return WireHeader::kBytes + payload;
@@ -261,6 +329,19 @@ class DitheringCodec final : public Codec {
   }
 
  private:
+  // Header and norm; returns the payload size.
+  size_t WriteHead(size_t n, float norm, std::span<uint8_t> out) const {
+    const size_t payload = PayloadFor(n, c_.bits());
+    WireHeader h;
+    h.codec = CodecId::kDithering;
+    h.elements = n;
+    h.payload_bytes = payload;
+    h.param_word = c_.word();
+    EncodeHeader(h, out.first<WireHeader::kBytes>());
+    internal::StoreF32(out.data() + WireHeader::kBytes, norm);
+    return payload;
+  }
+
   template <bool kAccumulate>
   Status Decode(std::span<const uint8_t> in, std::span<float> out, float alpha) const {
     const size_t n = out.size();
@@ -300,18 +381,10 @@ class DitheringCodec final : public Codec {
         return Corrupt("dithering: padding bits are set");
       }
     }
-    float table[33] = {};
-    if (c.natural) {
-      for (uint32_t l = 1; l <= c.s; ++l)
-        table[l] = std::ldexp(norm, static_cast<int>(l) - static_cast<int>(c.s));
-    }
-    const float step = norm / static_cast<float>(c.s);
+    const Levels levels(c, norm);
     float* dst = out.data();
     for (size_t j = 0; j < n; ++j) {
-      const uint32_t v = code(j);
-      const uint32_t l = v >> 1;
-      const float mag = c.natural ? table[l] : static_cast<float>(l) * step;
-      const float val = std::bit_cast<float>(std::bit_cast<uint32_t>(mag) | (v & 1u) << 31);
+      const float val = levels.Value(code(j));
       if constexpr (kAccumulate) {
         dst[j] += alpha * val;
       } else {
