@@ -8,9 +8,7 @@
 #include <bit>
 #include <cstring>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "kernels/simd.h"
 
 namespace zipwire::kernels {
 namespace {

@@ -56,9 +56,7 @@
 #include "kernels/cpu_isa.h"
 #include "kernels/philox.h"
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "kernels/simd.h"
 
 namespace zipwire::kernels {
 namespace {
