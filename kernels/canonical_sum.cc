@@ -43,6 +43,10 @@ void SquareTail(const float* seg, size_t from, size_t len, double* lane) {
   }
 }
 
+void UpdateScalar(const float* x, float* y, size_t n, float if_negative, float otherwise) {
+  for (size_t i = 0; i < n; ++i) y[i] = (y[i] + (y[i] < 0.0f ? if_negative : otherwise)) + x[i];
+}
+
 void SignWords(const float* seg, size_t words, uint8_t* out) {
   for (size_t w = 0; w < words; ++w) {
     uint32_t word = 0;
@@ -58,23 +62,33 @@ CanonicalAbsSum AbsScalar(const float* y, size_t n, uint8_t* sign_words) {
 
 #if defined(__x86_64__)
 
-__attribute__((target("avx2,fma"))) CanonicalAbsSum AbsAvx2(const float* y, size_t n, uint8_t* sign_words) {
+template <bool kUpdate>
+__attribute__((target("avx2,fma"))) CanonicalAbsSum AbsAvx2(const float* x, float* y, size_t n, uint8_t* sign_words,
+                                                            float if_negative, float otherwise) {
   CanonicalAbsSum r;
+  const __m256 off_neg = _mm256_set1_ps(if_negative);
+  const __m256 off_pos = _mm256_set1_ps(otherwise);
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   const __m256i exp_mask = _mm256_set1_epi32(0x7f800000);
   const __m256 zero = _mm256_setzero_ps();
   for (size_t base = 0; base < n; base += kCanonicalSegment) {
     const size_t len = std::min(kCanonicalSegment, n - base);
-    const float* seg = y + base;
+    float* seg = y + base;
     const size_t groups = len / kWord;
     __m256d acc[8];  // acc[k] holds lanes 4k .. 4k+3
     for (auto& a : acc) a = _mm256_setzero_pd();
     uint64_t nonfinite = 0;
     for (size_t g = 0; g < groups; ++g) {
-      const float* p = seg + kWord * g;
+      float* p = seg + kWord * g;
       uint32_t signs = 0;
       for (int q = 0; q < 4; ++q) {
-        const __m256 v = _mm256_loadu_ps(p + 8 * q);
+        __m256 v = _mm256_loadu_ps(p + 8 * q);
+        if constexpr (kUpdate) {
+          const __m256 neg = _mm256_cmp_ps(v, zero, _CMP_LT_OQ);
+          v = _mm256_add_ps(_mm256_add_ps(v, _mm256_blendv_ps(off_pos, off_neg, neg)),
+                            _mm256_loadu_ps(x + base + kWord * g + 8 * q));
+          _mm256_storeu_ps(p + 8 * q, v);
+        }
         signs |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ))) << (8 * q);
         const __m256i bits = _mm256_and_si256(_mm256_castps_si256(v), abs_mask);
         const __m256i nf = _mm256_cmpeq_epi32(_mm256_and_si256(bits, exp_mask), exp_mask);
@@ -88,6 +102,9 @@ __attribute__((target("avx2,fma"))) CanonicalAbsSum AbsAvx2(const float* y, size
     double lane[kCanonicalLanes];
     for (int k = 0; k < 8; ++k) _mm256_storeu_pd(lane + 4 * k, acc[k]);
     r.finite += kWord * groups - nonfinite;
+    if constexpr (kUpdate) {
+      UpdateScalar(x + base + kWord * groups, seg + kWord * groups, len - kWord * groups, if_negative, otherwise);
+    }
     AbsTail(seg, kWord * groups, len, lane, &r.finite);
     r.sum += TreeReduce(lane);
   }
@@ -130,24 +147,35 @@ ZW_AVX512 inline __m512d Hi8(__m512 v) {
   return _mm512_maskz_cvtps_pd(0xff, _mm512_maskz_extractf32x8_ps(0xff, v, 1));
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) CanonicalAbsSum AbsAvx512(const float* y, size_t n,
-                                                                                      uint8_t* sign_words) {
+// kUpdate: y is first replaced by Feedback's update (canonical_sum.h) of x
+// and y, in the same pass.
+template <bool kUpdate>
+ZW_AVX512 CanonicalAbsSum AbsAvx512(const float* x, float* y, size_t n, uint8_t* sign_words, float if_negative,
+                                    float otherwise) {
   CanonicalAbsSum r;
+  const __m512 off_neg = _mm512_set1_ps(if_negative);
+  const __m512 off_pos = _mm512_set1_ps(otherwise);
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   const __m512i exp_mask = _mm512_set1_epi32(0x7f800000);
   const __m512 zero = _mm512_setzero_ps();
   for (size_t base = 0; base < n; base += kCanonicalSegment) {
     const size_t len = std::min(kCanonicalSegment, n - base);
-    const float* seg = y + base;
+    float* seg = y + base;
     const size_t groups = len / kWord;
     __m512d acc[4];  // acc[k] holds lanes 8k .. 8k+7
     for (auto& a : acc) a = _mm512_setzero_pd();
     uint64_t nonfinite = 0;
     for (size_t g = 0; g < groups; ++g) {
-      const float* p = seg + kWord * g;
+      float* p = seg + kWord * g;
       uint32_t signs = 0;
       for (int h = 0; h < 2; ++h) {
-        const __m512 v = _mm512_loadu_ps(p + 16 * h);
+        __m512 v = _mm512_loadu_ps(p + 16 * h);
+        if constexpr (kUpdate) {
+          const __mmask16 neg = _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ);
+          v = _mm512_add_ps(_mm512_add_ps(v, _mm512_mask_blend_ps(neg, off_pos, off_neg)),
+                            _mm512_loadu_ps(x + base + kWord * g + 16 * h));
+          _mm512_storeu_ps(p + 16 * h, v);
+        }
         signs |= static_cast<uint32_t>(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ)) << (16 * h);
         const __m512i bits = _mm512_and_si512(_mm512_castps_si512(v), abs_mask);
         const __mmask16 nf = _mm512_cmpeq_epi32_mask(_mm512_and_si512(bits, exp_mask), exp_mask);
@@ -161,6 +189,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) CanonicalAbsSum Ab
     double lane[kCanonicalLanes];
     for (int k = 0; k < 4; ++k) _mm512_storeu_pd(lane + 8 * k, acc[k]);
     r.finite += kWord * groups - nonfinite;
+    if constexpr (kUpdate) {
+      UpdateScalar(x + base + kWord * groups, seg + kWord * groups, len - kWord * groups, if_negative, otherwise);
+    }
     AbsTail(seg, kWord * groups, len, lane, &r.finite);
     r.sum += TreeReduce(lane);
   }
@@ -198,11 +229,31 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) double SquareAvx51
 }  // namespace
 
 CanonicalAbsSum CanonicalAbsSumOf(const float* y, size_t n, uint8_t* sign_words, CpuIsa isa) {
+  float* const unchanged = const_cast<float*>(y);  // kUpdate = false never writes
 #if defined(__x86_64__)
-  if (isa == CpuIsa::kAvx512 && BestSupportedIsa() == CpuIsa::kAvx512) return AbsAvx512(y, n, sign_words);
-  if (isa != CpuIsa::kScalar && BestSupportedIsa() != CpuIsa::kScalar) return AbsAvx2(y, n, sign_words);
+  if (isa == CpuIsa::kAvx512 && BestSupportedIsa() == CpuIsa::kAvx512) {
+    return AbsAvx512<false>(nullptr, unchanged, n, sign_words, 0.0f, 0.0f);
+  }
+  if (isa != CpuIsa::kScalar && BestSupportedIsa() != CpuIsa::kScalar) {
+    return AbsAvx2<false>(nullptr, unchanged, n, sign_words, 0.0f, 0.0f);
+  }
 #endif
   (void)isa;
+  return AbsScalar(y, n, sign_words);
+}
+
+CanonicalAbsSum CanonicalAbsSumOfUpdate(const float* x, float* y, size_t n, float if_negative, float otherwise,
+                                        uint8_t* sign_words, CpuIsa isa) {
+#if defined(__x86_64__)
+  if (isa == CpuIsa::kAvx512 && BestSupportedIsa() == CpuIsa::kAvx512) {
+    return AbsAvx512<true>(x, y, n, sign_words, if_negative, otherwise);
+  }
+  if (isa != CpuIsa::kScalar && BestSupportedIsa() != CpuIsa::kScalar) {
+    return AbsAvx2<true>(x, y, n, sign_words, if_negative, otherwise);
+  }
+#endif
+  (void)isa;
+  UpdateScalar(x, y, n, if_negative, otherwise);
   return AbsScalar(y, n, sign_words);
 }
 

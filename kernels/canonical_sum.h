@@ -41,6 +41,15 @@ inline CanonicalAbsSum CanonicalAbsSumOf(const float* y, size_t n, uint8_t* sign
   return CanonicalAbsSumOf(y, n, sign_words, ActiveIsa());
 }
 
+// The same sum, fused with an update of y made in the same pass (error
+// feedback's y = e + x, where onebit's residual e is y of the last step plus
+// a sign-dependent offset; canonical_sum.h has no opinion on what it means):
+//   y[i] = (y[i] + (y[i] < 0 ? if_negative : otherwise)) + x[i]   for i < n,
+// then returns CanonicalAbsSumOf(y, n, sign_words, isa) of the updated y.
+// With both offsets -0.0f the update is exactly y[i] + x[i].
+CanonicalAbsSum CanonicalAbsSumOfUpdate(const float* x, float* y, size_t n, float if_negative, float otherwise,
+                                        uint8_t* sign_words, CpuIsa isa);
+
 // Sum of (double)y_i * (double)y_i over y[0..n) (NaN or Inf when y has one).
 double CanonicalSquareSumOf(const float* y, size_t n, CpuIsa isa);
 inline double CanonicalSquareSumOf(const float* y, size_t n) { return CanonicalSquareSumOf(y, n, ActiveIsa()); }

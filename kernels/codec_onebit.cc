@@ -36,20 +36,18 @@ constexpr size_t kWordBits = 32;
 size_t WordsFor(size_t n) { return n / kWordBits + (n % kWordBits != 0 ? 1 : 0); }
 size_t PayloadFor(size_t n) { return internal::SatAdd(4, internal::SatMul(WordsFor(n), 4)); }
 
-// y = e + x where e is the residual, given either as plain floats or in the
-// deferred form of CompressWithFeedback (the previous y and its scale s, e =
-// y + (y < 0 ? +s : -s), which is y + -1 * decode(y) exactly as
-// DecompressAccumulate(-1) computes it). Written back over the residual.
-void FeedSegment(const float* x, float* r, size_t len, bool deferred, float prev_scale) {
-  if (deferred) {
-    const uint32_t neg = std::bit_cast<uint32_t>(-1.0f * prev_scale);
-    for (size_t i = 0; i < len; ++i) {
-      const float e = r[i] + std::bit_cast<float>(neg ^ (static_cast<uint32_t>(r[i] < 0.0f) << 31));
-      r[i] = e + x[i];
-    }
-  } else {
-    for (size_t i = 0; i < len; ++i) r[i] = r[i] + x[i];
-  }
+// The residual e in its deferred form is the previous step's y and scale s:
+// e = y + -1 * decode(y), which DecompressAccumulate(-1) computes as
+// y + ((-1 * s) with the sign bit flipped when y < 0). These are the two
+// offsets, as CanonicalAbsSumOfUpdate takes them; -0.0 for a plain residual
+// (y + -0.0 == y for every y).
+struct Offsets {
+  float if_negative, otherwise;
+};
+Offsets OffsetsOf(const FeedbackState& state) {
+  if (!state.deferred) return {-0.0f, -0.0f};
+  const float neg = -1.0f * state.scale;
+  return {std::bit_cast<float>(std::bit_cast<uint32_t>(neg) ^ 0x80000000u), neg};
 }
 
 float ScaleOf(const CanonicalAbsSum& s) {
@@ -111,10 +109,10 @@ class OnebitCodec final : public Codec {
     return WireHeader::kBytes + payload;
   }
 
-  // One pass over input and residual, a segment at a time: y = x + e is
-  // written over the residual, then summed and sign-packed while the segment
-  // is in cache. The residual is left deferred (y and the scale): the
-  // subtraction of the decode happens when the next step reads it.
+  // One pass over input and residual: y = x + e is written over the residual,
+  // summed and sign-packed as it goes. The residual is left deferred (y and
+  // the scale): the subtraction of the decode happens when the next step (or
+  // FinishResidual) reads it.
   Result<size_t> CompressWithFeedback(std::span<const float> input, std::span<float> residual, FeedbackState& state,
                                       std::span<uint8_t> out, const CodecContext& /*ctx*/) const override {
     ZW_RETURN_IF_ERROR(internal::CheckOutputSize(*this, input.size(), out.size()));
@@ -126,17 +124,11 @@ class OnebitCodec final : public Codec {
     const size_t payload = PayloadFor(n);
     internal::WriteSimpleHeader(CodecId::kOnebit, n, payload, out);
     uint8_t* p = out.data() + WireHeader::kBytes;
-    const CpuIsa isa = ActiveIsa();
-    CanonicalAbsSum total;
+    // y = e + x over the residual and the canonical sum of |y|, one pass.
+    const Offsets off = OffsetsOf(state);
     float* y = residual.data();
-    for (size_t base = 0; base < n; base += kCanonicalSegment) {
-      const size_t len = std::min(kCanonicalSegment, n - base);
-      FeedSegment(input.data() + base, y + base, len, state.deferred, state.scale);
-      // A whole segment's sum is its canonical segment total (canonical_sum.h).
-      const CanonicalAbsSum seg = CanonicalAbsSumOf(y + base, len, p + 4 + 4 * (base / kWordBits), isa);
-      total.sum += seg.sum;
-      total.finite += seg.finite;
-    }
+    const CanonicalAbsSum total =
+        CanonicalAbsSumOfUpdate(input.data(), y, n, off.if_negative, off.otherwise, p + 4, ActiveIsa());
     const float scale = ScaleOf(total);
     Finish(y, n, scale, p);
     state.deferred = true;
@@ -146,8 +138,8 @@ class OnebitCodec final : public Codec {
 
   void FinishResidual(std::span<float> residual, FeedbackState& state) const override {
     if (state.deferred) {
-      const uint32_t neg = std::bit_cast<uint32_t>(-1.0f * state.scale);
-      for (float& r : residual) r = r + std::bit_cast<float>(neg ^ (static_cast<uint32_t>(r < 0.0f) << 31));
+      const Offsets off = OffsetsOf(state);
+      for (float& r : residual) r = r + (r < 0.0f ? off.if_negative : off.otherwise);
     }
     state.deferred = false;
   }

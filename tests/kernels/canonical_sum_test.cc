@@ -109,6 +109,34 @@ TEST(CanonicalSumTest, EveryPathMatchesThePlainSpec) {
   }
 }
 
+TEST(CanonicalSumTest, FusedUpdateMatchesUpdateThenSum) {
+  const float s = 0.8125f;
+  const float offsets[][2] = {{-0.0f, -0.0f}, {s, -s}, {0.0f, -0.0f}};
+  for (CpuIsa isa : AvailableIsas()) {
+    for (size_t n : kSizes) {
+      for (const auto& off : offsets) {
+        SCOPED_TRACE(std::string(CpuIsaName(isa)) + " n=" + std::to_string(n) + " offset " + std::to_string(off[0]));
+        const auto x = SpreadInput(n, static_cast<uint32_t>(n + 1), true);
+        auto y = SpreadInput(n, static_cast<uint32_t>(n + 2), true);
+        std::vector<float> expect_y(n);
+        for (size_t i = 0; i < n; ++i) expect_y[i] = (y[i] + (y[i] < 0.0f ? off[0] : off[1])) + x[i];
+        uint64_t finite = 0;
+        const double expect = PlainSum(expect_y, false, &finite);
+        std::vector<uint8_t> words(4 * (n / 32) + 4);
+        const CanonicalAbsSum got = CanonicalAbsSumOfUpdate(x.data(), y.data(), n, off[0], off[1], words.data(), isa);
+        ASSERT_EQ(0, std::memcmp(y.data(), expect_y.data(), n * sizeof(float)));
+        EXPECT_TRUE(SameDouble(got.sum, expect));
+        EXPECT_EQ(got.finite, finite);
+        for (size_t w = 0; w < n / 32; ++w) {
+          uint32_t word = 0;
+          for (size_t j = 0; j < 32; ++j) word |= static_cast<uint32_t>(expect_y[32 * w + j] < 0.0f) << j;
+          ASSERT_EQ(internal::LoadLe32(words.data() + 4 * w), word) << "word " << w;
+        }
+      }
+    }
+  }
+}
+
 TEST(CanonicalSumTest, OrderIsObservable) {
   // The test data must tell the canonical order from a sequential sum, or the
   // comparison above could not catch a path that sums in another order.
