@@ -37,9 +37,11 @@ void AbsTail(const float* seg, size_t from, size_t len, double* lane, uint64_t* 
     *finite += IsFinite(seg[i]) ? 1 : 0;
   }
 }
-void SquareTail(const float* seg, size_t from, size_t len, double* lane) {
+// b, when not null, is added to seg element by element first.
+void SquareTail(const float* seg, const float* b, size_t from, size_t len, double* lane) {
   for (size_t i = from; i < len; ++i) {
-    lane[i % kCanonicalLanes] += static_cast<double>(seg[i]) * static_cast<double>(seg[i]);
+    const float v = b != nullptr ? seg[i] + b[i] : seg[i];
+    lane[i % kCanonicalLanes] += static_cast<double>(v) * static_cast<double>(v);
   }
 }
 
@@ -111,7 +113,9 @@ __attribute__((target("avx2,fma"))) CanonicalAbsSum AbsAvx2(const float* x, floa
   return r;
 }
 
-__attribute__((target("avx2,fma"))) double SquareAvx2(const float* y, size_t n) {
+// kSum: the terms are of y[i] + b[i] (rounded to float), computed on the fly.
+template <bool kSum>
+__attribute__((target("avx2,fma"))) double SquareAvx2(const float* y, const float* b, size_t n) {
   double total = 0.0;
   for (size_t base = 0; base < n; base += kCanonicalSegment) {
     const size_t len = std::min(kCanonicalSegment, n - base);
@@ -122,7 +126,8 @@ __attribute__((target("avx2,fma"))) double SquareAvx2(const float* y, size_t n) 
     for (size_t g = 0; g < groups; ++g) {
       const float* p = seg + kWord * g;
       for (int q = 0; q < 4; ++q) {
-        const __m256 v = _mm256_loadu_ps(p + 8 * q);
+        __m256 v = _mm256_loadu_ps(p + 8 * q);
+        if constexpr (kSum) v = _mm256_add_ps(v, _mm256_loadu_ps(b + base + kWord * g + 8 * q));
         const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
         const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
         // The product of two floats is exact in double, so the FMA rounds
@@ -133,7 +138,7 @@ __attribute__((target("avx2,fma"))) double SquareAvx2(const float* y, size_t n) 
     }
     double lane[kCanonicalLanes];
     for (int k = 0; k < 8; ++k) _mm256_storeu_pd(lane + 4 * k, acc[k]);
-    SquareTail(seg, kWord * groups, len, lane);
+    SquareTail(seg, kSum ? b + base : nullptr, kWord * groups, len, lane);
     total += TreeReduce(lane);
   }
   return total;
@@ -198,7 +203,8 @@ ZW_AVX512 CanonicalAbsSum AbsAvx512(const float* x, float* y, size_t n, uint8_t*
   return r;
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) double SquareAvx512(const float* y, size_t n) {
+template <bool kSum>
+ZW_AVX512 double SquareAvx512(const float* y, const float* b, size_t n) {
   double total = 0.0;
   for (size_t base = 0; base < n; base += kCanonicalSegment) {
     const size_t len = std::min(kCanonicalSegment, n - base);
@@ -209,7 +215,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) double SquareAvx51
     for (size_t g = 0; g < groups; ++g) {
       const float* p = seg + kWord * g;
       for (int h = 0; h < 2; ++h) {
-        const __m512 v = _mm512_loadu_ps(p + 16 * h);
+        __m512 v = _mm512_loadu_ps(p + 16 * h);
+        if constexpr (kSum) v = _mm512_add_ps(v, _mm512_loadu_ps(b + base + kWord * g + 16 * h));
         const __m512d lo = Lo8(v);
         const __m512d hi = Hi8(v);
         acc[2 * h] = _mm512_fmadd_pd(lo, lo, acc[2 * h]);
@@ -218,7 +225,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) double SquareAvx51
     }
     double lane[kCanonicalLanes];
     for (int k = 0; k < 4; ++k) _mm512_storeu_pd(lane + 8 * k, acc[k]);
-    SquareTail(seg, kWord * groups, len, lane);
+    SquareTail(seg, kSum ? b + base : nullptr, kWord * groups, len, lane);
     total += TreeReduce(lane);
   }
   return total;
@@ -259,11 +266,27 @@ CanonicalAbsSum CanonicalAbsSumOfUpdate(const float* x, float* y, size_t n, floa
 
 double CanonicalSquareSumOf(const float* y, size_t n, CpuIsa isa) {
 #if defined(__x86_64__)
-  if (isa == CpuIsa::kAvx512 && BestSupportedIsa() == CpuIsa::kAvx512) return SquareAvx512(y, n);
-  if (isa != CpuIsa::kScalar && BestSupportedIsa() != CpuIsa::kScalar) return SquareAvx2(y, n);
+  if (isa == CpuIsa::kAvx512 && BestSupportedIsa() == CpuIsa::kAvx512) return SquareAvx512<false>(y, nullptr, n);
+  if (isa != CpuIsa::kScalar && BestSupportedIsa() != CpuIsa::kScalar) return SquareAvx2<false>(y, nullptr, n);
 #endif
   (void)isa;
   return internal::CanonicalSquareSumReference(y, n);
+}
+
+double CanonicalSquareSumOfSum(const float* a, const float* b, size_t n, CpuIsa isa) {
+#if defined(__x86_64__)
+  if (isa == CpuIsa::kAvx512 && BestSupportedIsa() == CpuIsa::kAvx512) return SquareAvx512<true>(a, b, n);
+  if (isa != CpuIsa::kScalar && BestSupportedIsa() != CpuIsa::kScalar) return SquareAvx2<true>(a, b, n);
+#endif
+  (void)isa;
+  double total = 0.0;
+  for (size_t base = 0; base < n; base += kCanonicalSegment) {
+    const size_t len = std::min(kCanonicalSegment, n - base);
+    double lane[kCanonicalLanes] = {};
+    SquareTail(a + base, b + base, 0, len, lane);
+    total += TreeReduce(lane);
+  }
+  return total;
 }
 
 namespace internal {
@@ -284,7 +307,7 @@ double CanonicalSquareSumReference(const float* y, size_t n) {
   for (size_t base = 0; base < n; base += kCanonicalSegment) {
     const size_t len = std::min(kCanonicalSegment, n - base);
     double lane[kCanonicalLanes] = {};
-    SquareTail(y + base, 0, len, lane);
+    SquareTail(y + base, nullptr, 0, len, lane);
     total += TreeReduce(lane);
   }
   return total;

@@ -59,6 +59,10 @@ inline double CanonicalSquareSumOf(const float* y, size_t n) { return CanonicalS
 // segment's result is its total (+0.0 + total == total), so that equals one
 // call over the whole chunk.
 
+// CanonicalSquareSumOf of y[i] = a[i] + b[i] (rounded to float) without
+// storing y: error feedback's norm of input + residual.
+double CanonicalSquareSumOfSum(const float* a, const float* b, size_t n, CpuIsa isa);
+
 namespace internal {
 // The plain scalar statement of the order above, element by element; the
 // reference the vector paths are tested against.

@@ -159,6 +159,41 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) size_t QuantiseLin
   }
   return i;
 }
+
+// Error feedback's block for linear levels in one pass over x and e: y = e + x,
+// its codes as QuantiseLinearAvx512, and e = y + -(decode of the code) with
+// the decode as Levels::Value. Returns the elements done (a multiple of 16).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) size_t FeedLinearAvx512(
+    uint32_t s, float norm, const float* x, float* e, const uint32_t* u, size_t len, uint32_t* codes) {
+  const __m512 mult = _mm512_set1_ps(static_cast<float>(s) / norm);
+  const __m512 step = _mm512_set1_ps(norm / static_cast<float>(s));
+  const __m512 s_f = _mm512_set1_ps(static_cast<float>(s));
+  const __m512i s_i = _mm512_set1_epi32(static_cast<int>(s));
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  const __m512 two_m24 = _mm512_set1_ps(0x1p-24f);
+  const __m512i one = _mm512_set1_epi32(1);
+  size_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 y = _mm512_add_ps(_mm512_loadu_ps(e + i), _mm512_loadu_ps(x + i));
+    const __m512i yb = _mm512_castps_si512(y);
+    const __m512 a = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(yb, abs_mask)), mult);
+    const __m512i fl = _mm512_cvttps_epi32(_mm512_min_ps(s_f, a));
+    const __m512 p = _mm512_sub_ps(a, _mm512_cvtepi32_ps(fl));
+    const __m512 uf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_loadu_si512(u + i), 8)), two_m24);
+    const __mmask16 up = _mm512_cmp_ps_mask(uf, p, _CMP_LT_OQ);
+    const __m512i l = _mm512_min_epu32(_mm512_mask_add_epi32(fl, up, fl, one), s_i);
+    const __mmask16 nonzero = _mm512_test_epi32_mask(l, l);
+    const __m512i sign = _mm512_maskz_and_epi32(nonzero, yb, sign_bit);  // level 0 has sign 0
+    _mm512_storeu_si512(codes + i, _mm512_maskz_mov_epi32(nonzero, _mm512_or_si512(_mm512_slli_epi32(l, 1),
+                                                                                 _mm512_srli_epi32(sign, 31))));
+    const __m512 mag = _mm512_mul_ps(_mm512_cvtepi32_ps(l), step);
+    // -val: the magnitude with the opposite of the code's sign bit.
+    const __m512 neg_val = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_or_si512(_mm512_castps_si512(mag), sign), sign_bit));
+    _mm512_storeu_ps(e + i, _mm512_add_ps(y, neg_val));
+  }
+  return i;
+}
 #endif
 
 // The decoded value of a (valid) code, computed exactly as Decode does:
@@ -343,15 +378,10 @@ class DitheringCodec final : public Codec {
     {
       uint32_t max_bits = 0;
       double sum = 0.0;
-      float seg[kCanonicalSegment];  // one segment of y, summed while in cache
-      for (size_t base = 0; base < n; base += kCanonicalSegment) {
-        const size_t len = std::min(kCanonicalSegment, n - base);
-        for (size_t i = 0; i < len; ++i) seg[i] = e[base + i] + x[base + i];
-        if (c_.max_norm) {
-          max_bits = std::max(max_bits, MaxAbsBits(seg, len));
-        } else {
-          sum += CanonicalSquareSumOf(seg, len, isa);  // a whole segment's total
-        }
+      if (c_.max_norm) {
+        for (size_t i = 0; i < n; ++i) max_bits = std::max(max_bits, std::bit_cast<uint32_t>(e[i] + x[i]) & 0x7fffffffu);
+      } else {
+        sum = CanonicalSquareSumOfSum(e, x, n, isa);
       }
       ZW_ASSIGN_OR_RETURN(norm, c_.max_norm ? NormFromMax(max_bits) : NormFromSquares(sum));
     }
@@ -363,16 +393,29 @@ class DitheringCodec final : public Codec {
     uint32_t u[kBlock], codes[kBlock];
     for (size_t base = 0; base < n; base += kBlock) {
       const size_t len = std::min(kBlock, n - base);
-      for (size_t i = 0; i < len; ++i) y[i] = e[base + i] + x[base + i];
+      // The block's draws are compute-bound and its loads memory-bound: ask
+      // for the next block's input and residual now, so they arrive meanwhile.
+      for (size_t i = base + kBlock; i < std::min(n, base + 2 * kBlock); i += 16) {
+        __builtin_prefetch(x + i);
+        __builtin_prefetch(e + i, 1);
+      }
       stream.Fill(base / 4, (len + 3) / 4, u);
-      QuantiseBlock(norm, y, u, len, codes, isa);
+      size_t done = 0;
+#if defined(__x86_64__)
+      if (isa == CpuIsa::kAvx512 && !c_.natural && norm != 0.0f) {
+        done = FeedLinearAvx512(c_.s, norm, x + base, e + base, u, len, codes);
+      }
+#endif
+      // The rest (all of it off the AVX-512 linear path): y, codes, then e.
+      for (size_t i = done; i < len; ++i) y[i] = e[base + i] + x[base + i];
+      QuantiseBlock(norm, y + done, u + done, len - done, codes + done, isa);
       writer.PutBlock(codes, len);
       if (c_.natural) {
-        for (size_t i = 0; i < len; ++i) e[base + i] = y[i] + -levels.Value(codes[i]);
+        for (size_t i = done; i < len; ++i) e[base + i] = y[i] + -levels.Value(codes[i]);
       } else {
         // Levels::Value's linear branch, written out so that it vectorises.
         const float step = levels.step();
-        for (size_t i = 0; i < len; ++i) {
+        for (size_t i = done; i < len; ++i) {
           const float mag = static_cast<float>(static_cast<int32_t>(codes[i] >> 1)) * step;
           const float val = std::bit_cast<float>(std::bit_cast<uint32_t>(mag) | (codes[i] & 1u) << 31);
           e[base + i] = y[i] + -val;

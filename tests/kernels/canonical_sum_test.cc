@@ -137,6 +137,20 @@ TEST(CanonicalSumTest, FusedUpdateMatchesUpdateThenSum) {
   }
 }
 
+TEST(CanonicalSumTest, SquareSumOfSumMatchesSumThenSquares) {
+  for (CpuIsa isa : AvailableIsas()) {
+    for (size_t n : kSizes) {
+      SCOPED_TRACE(std::string(CpuIsaName(isa)) + " n=" + std::to_string(n));
+      const auto a = SpreadInput(n, static_cast<uint32_t>(n + 5), false);
+      const auto b = SpreadInput(n, static_cast<uint32_t>(n + 6), n % 2 == 1);
+      std::vector<float> y(n);
+      for (size_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
+      uint64_t unused;
+      EXPECT_TRUE(SameDouble(CanonicalSquareSumOfSum(a.data(), b.data(), n, isa), PlainSum(y, true, &unused)));
+    }
+  }
+}
+
 TEST(CanonicalSumTest, OrderIsObservable) {
   // The test data must tell the canonical order from a sequential sum, or the
   // comparison above could not catch a path that sums in another order.
