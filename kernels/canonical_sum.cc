@@ -26,7 +26,8 @@ double TreeReduce(double* lane) {
 
 inline bool IsFinite(float v) { return (std::bit_cast<uint32_t>(v) & 0x7f800000u) != 0x7f800000u; }
 inline double AbsTerm(float v) {
-  return IsFinite(v) ? static_cast<double>(std::bit_cast<float>(std::bit_cast<uint32_t>(v) & 0x7fffffffu)) : 0.0;
+  return IsFinite(v) ? static_cast<double>(std::bit_cast<float>(std::bit_cast<uint32_t>(v) & 0x7fffffffu))
+                     : 0.0;
 }
 
 // Scalar tail of a segment from element `from` (segment-relative), after the
@@ -65,8 +66,9 @@ CanonicalAbsSum AbsScalar(const float* y, size_t n, uint8_t* sign_words) {
 #if defined(__x86_64__)
 
 template <bool kUpdate>
-__attribute__((target("avx2,fma"))) CanonicalAbsSum AbsAvx2(const float* x, float* y, size_t n, uint8_t* sign_words,
-                                                            float if_negative, float otherwise) {
+__attribute__((target("avx2,fma"))) CanonicalAbsSum AbsAvx2(const float* x, float* y, size_t n,
+                                                            uint8_t* sign_words, float if_negative,
+                                                            float otherwise) {
   CanonicalAbsSum r;
   const __m256 off_neg = _mm256_set1_ps(if_negative);
   const __m256 off_pos = _mm256_set1_ps(otherwise);
@@ -94,7 +96,8 @@ __attribute__((target("avx2,fma"))) CanonicalAbsSum AbsAvx2(const float* x, floa
         signs |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ))) << (8 * q);
         const __m256i bits = _mm256_and_si256(_mm256_castps_si256(v), abs_mask);
         const __m256i nf = _mm256_cmpeq_epi32(_mm256_and_si256(bits, exp_mask), exp_mask);
-        nonfinite += static_cast<uint64_t>(std::popcount(static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(nf)))));
+        nonfinite += static_cast<uint64_t>(
+            std::popcount(static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(nf)))));
         const __m256 m = _mm256_castsi256_ps(_mm256_andnot_si256(nf, bits));
         acc[2 * q] = _mm256_add_pd(acc[2 * q], _mm256_cvtps_pd(_mm256_castps256_ps128(m)));
         acc[2 * q + 1] = _mm256_add_pd(acc[2 * q + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(m, 1)));
@@ -105,7 +108,8 @@ __attribute__((target("avx2,fma"))) CanonicalAbsSum AbsAvx2(const float* x, floa
     for (int k = 0; k < 8; ++k) _mm256_storeu_pd(lane + 4 * k, acc[k]);
     r.finite += kWord * groups - nonfinite;
     if constexpr (kUpdate) {
-      UpdateScalar(x + base + kWord * groups, seg + kWord * groups, len - kWord * groups, if_negative, otherwise);
+      UpdateScalar(x + base + kWord * groups, seg + kWord * groups, len - kWord * groups, if_negative,
+                   otherwise);
     }
     AbsTail(seg, kWord * groups, len, lane, &r.finite);
     r.sum += TreeReduce(lane);
@@ -147,7 +151,9 @@ __attribute__((target("avx2,fma"))) double SquareAvx2(const float* y, const floa
 // Floats 0..7 / 8..15 of v widened to double. The zero-masked forms, because
 // GCC 12 warns that the unmasked ones read an uninitialised register.
 #define ZW_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-ZW_AVX512 inline __m512d Lo8(__m512 v) { return _mm512_maskz_cvtps_pd(0xff, _mm512_maskz_extractf32x8_ps(0xff, v, 0)); }
+ZW_AVX512 inline __m512d Lo8(__m512 v) {
+  return _mm512_maskz_cvtps_pd(0xff, _mm512_maskz_extractf32x8_ps(0xff, v, 0));
+}
 ZW_AVX512 inline __m512d Hi8(__m512 v) {
   return _mm512_maskz_cvtps_pd(0xff, _mm512_maskz_extractf32x8_ps(0xff, v, 1));
 }
@@ -155,8 +161,8 @@ ZW_AVX512 inline __m512d Hi8(__m512 v) {
 // kUpdate: y is first replaced by Feedback's update (canonical_sum.h) of x
 // and y, in the same pass.
 template <bool kUpdate>
-ZW_AVX512 CanonicalAbsSum AbsAvx512(const float* x, float* y, size_t n, uint8_t* sign_words, float if_negative,
-                                    float otherwise) {
+ZW_AVX512 CanonicalAbsSum AbsAvx512(const float* x, float* y, size_t n, uint8_t* sign_words,
+                                    float if_negative, float otherwise) {
   CanonicalAbsSum r;
   const __m512 off_neg = _mm512_set1_ps(if_negative);
   const __m512 off_pos = _mm512_set1_ps(otherwise);
@@ -195,7 +201,8 @@ ZW_AVX512 CanonicalAbsSum AbsAvx512(const float* x, float* y, size_t n, uint8_t*
     for (int k = 0; k < 4; ++k) _mm512_storeu_pd(lane + 8 * k, acc[k]);
     r.finite += kWord * groups - nonfinite;
     if constexpr (kUpdate) {
-      UpdateScalar(x + base + kWord * groups, seg + kWord * groups, len - kWord * groups, if_negative, otherwise);
+      UpdateScalar(x + base + kWord * groups, seg + kWord * groups, len - kWord * groups, if_negative,
+                   otherwise);
     }
     AbsTail(seg, kWord * groups, len, lane, &r.finite);
     r.sum += TreeReduce(lane);
@@ -249,8 +256,8 @@ CanonicalAbsSum CanonicalAbsSumOf(const float* y, size_t n, uint8_t* sign_words,
   return AbsScalar(y, n, sign_words);
 }
 
-CanonicalAbsSum CanonicalAbsSumOfUpdate(const float* x, float* y, size_t n, float if_negative, float otherwise,
-                                        uint8_t* sign_words, CpuIsa isa) {
+CanonicalAbsSum CanonicalAbsSumOfUpdate(const float* x, float* y, size_t n, float if_negative,
+                                        float otherwise, uint8_t* sign_words, CpuIsa isa) {
 #if defined(__x86_64__)
   if (isa == CpuIsa::kAvx512 && BestSupportedIsa() == CpuIsa::kAvx512) {
     return AbsAvx512<true>(x, y, n, sign_words, if_negative, otherwise);
@@ -266,8 +273,10 @@ CanonicalAbsSum CanonicalAbsSumOfUpdate(const float* x, float* y, size_t n, floa
 
 double CanonicalSquareSumOf(const float* y, size_t n, CpuIsa isa) {
 #if defined(__x86_64__)
-  if (isa == CpuIsa::kAvx512 && BestSupportedIsa() == CpuIsa::kAvx512) return SquareAvx512<false>(y, nullptr, n);
-  if (isa != CpuIsa::kScalar && BestSupportedIsa() != CpuIsa::kScalar) return SquareAvx2<false>(y, nullptr, n);
+  if (isa == CpuIsa::kAvx512 && BestSupportedIsa() == CpuIsa::kAvx512)
+    return SquareAvx512<false>(y, nullptr, n);
+  if (isa != CpuIsa::kScalar && BestSupportedIsa() != CpuIsa::kScalar)
+    return SquareAvx2<false>(y, nullptr, n);
 #endif
   (void)isa;
   return internal::CanonicalSquareSumReference(y, n);

@@ -47,12 +47,14 @@ inline CanonicalAbsSum CanonicalAbsSumOf(const float* y, size_t n, uint8_t* sign
 //   y[i] = (y[i] + (y[i] < 0 ? if_negative : otherwise)) + x[i]   for i < n,
 // then returns CanonicalAbsSumOf(y, n, sign_words, isa) of the updated y.
 // With both offsets -0.0f the update is exactly y[i] + x[i].
-CanonicalAbsSum CanonicalAbsSumOfUpdate(const float* x, float* y, size_t n, float if_negative, float otherwise,
-                                        uint8_t* sign_words, CpuIsa isa);
+CanonicalAbsSum CanonicalAbsSumOfUpdate(const float* x, float* y, size_t n, float if_negative,
+                                        float otherwise, uint8_t* sign_words, CpuIsa isa);
 
 // Sum of (double)y_i * (double)y_i over y[0..n) (NaN or Inf when y has one).
 double CanonicalSquareSumOf(const float* y, size_t n, CpuIsa isa);
-inline double CanonicalSquareSumOf(const float* y, size_t n) { return CanonicalSquareSumOf(y, n, ActiveIsa()); }
+inline double CanonicalSquareSumOf(const float* y, size_t n) {
+  return CanonicalSquareSumOf(y, n, ActiveIsa());
+}
 
 // A caller producing a chunk one segment at a time may call these on each
 // whole segment and add the results in segment order from +0.0: a single

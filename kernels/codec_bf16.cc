@@ -37,8 +37,8 @@ void ToBf16Scalar(const float* in, uint8_t* out, size_t n) {
 #if defined(__x86_64__)
 // FloatToBf16 on sixteen floats at a time (vpmovdw packs them); returns the
 // elements done, a multiple of 16.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) size_t ToBf16Avx512(const float* in, uint8_t* out,
-                                                                                  size_t n) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) size_t ToBf16Avx512(const float* in,
+                                                                                  uint8_t* out, size_t n) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   const __m512i inf = _mm512_set1_epi32(0x7f800000);
   const __m512i bias = _mm512_set1_epi32(0x7fff);

@@ -151,7 +151,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) size_t QuantiseLin
     const __m512 a = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(xb, abs_mask)), mult);
     const __m512i fl = _mm512_cvttps_epi32(_mm512_min_ps(s_f, a));
     const __m512 p = _mm512_sub_ps(a, _mm512_cvtepi32_ps(fl));
-    const __m512 uf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_loadu_si512(u + i), 8)), two_m24);
+    const __m512 uf =
+        _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_loadu_si512(u + i), 8)), two_m24);
     const __mmask16 up = _mm512_cmp_ps_mask(uf, p, _CMP_LT_OQ);
     const __m512i l = _mm512_min_epu32(_mm512_mask_add_epi32(fl, up, fl, one), s_i);
     const __m512i code = _mm512_or_si512(_mm512_slli_epi32(l, 1), _mm512_srli_epi32(xb, 31));
@@ -180,16 +181,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) size_t FeedLinearA
     const __m512 a = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(yb, abs_mask)), mult);
     const __m512i fl = _mm512_cvttps_epi32(_mm512_min_ps(s_f, a));
     const __m512 p = _mm512_sub_ps(a, _mm512_cvtepi32_ps(fl));
-    const __m512 uf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_loadu_si512(u + i), 8)), two_m24);
+    const __m512 uf =
+        _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_loadu_si512(u + i), 8)), two_m24);
     const __mmask16 up = _mm512_cmp_ps_mask(uf, p, _CMP_LT_OQ);
     const __m512i l = _mm512_min_epu32(_mm512_mask_add_epi32(fl, up, fl, one), s_i);
     const __mmask16 nonzero = _mm512_test_epi32_mask(l, l);
     const __m512i sign = _mm512_maskz_and_epi32(nonzero, yb, sign_bit);  // level 0 has sign 0
-    _mm512_storeu_si512(codes + i, _mm512_maskz_mov_epi32(nonzero, _mm512_or_si512(_mm512_slli_epi32(l, 1),
-                                                                                 _mm512_srli_epi32(sign, 31))));
+    _mm512_storeu_si512(codes + i,
+                        _mm512_maskz_mov_epi32(
+                            nonzero, _mm512_or_si512(_mm512_slli_epi32(l, 1), _mm512_srli_epi32(sign, 31))));
     const __m512 mag = _mm512_mul_ps(_mm512_cvtepi32_ps(l), step);
     // -val: the magnitude with the opposite of the code's sign bit.
-    const __m512 neg_val = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_or_si512(_mm512_castps_si512(mag), sign), sign_bit));
+    const __m512 neg_val =
+        _mm512_castsi512_ps(_mm512_xor_si512(_mm512_or_si512(_mm512_castps_si512(mag), sign), sign_bit));
     _mm512_storeu_ps(e + i, _mm512_add_ps(y, neg_val));
   }
   return i;
@@ -203,7 +207,8 @@ class Levels {
  public:
   Levels(const Config& c, float norm) : natural_(c.natural), step_(norm / static_cast<float>(c.s)) {
     if (natural_) {
-      for (uint32_t l = 1; l <= c.s; ++l) table_[l] = std::ldexp(norm, static_cast<int>(l) - static_cast<int>(c.s));
+      for (uint32_t l = 1; l <= c.s; ++l)
+        table_[l] = std::ldexp(norm, static_cast<int>(l) - static_cast<int>(c.s));
     }
   }
   float step() const { return step_; }
@@ -361,8 +366,9 @@ class DitheringCodec final : public Codec {
   // rejected input leaves the residual as it was), then, a block at a time in
   // cache, y again, its codes, and e' = y + -(decode of the code), exactly as
   // DecompressAccumulate(-1) would compute it.
-  Result<size_t> CompressWithFeedback(std::span<const float> input, std::span<float> residual, FeedbackState& state,
-                                      std::span<uint8_t> out, const CodecContext& ctx) const override {
+  Result<size_t> CompressWithFeedback(std::span<const float> input, std::span<float> residual,
+                                      FeedbackState& state, std::span<uint8_t> out,
+                                      const CodecContext& ctx) const override {
     ZW_RETURN_IF_ERROR(internal::CheckOutputSize(*this, input.size(), out.size()));
     if (residual.size() != input.size()) {
       return InvalidArgument("dithering: residual of " + std::to_string(residual.size()) + " elements for " +
@@ -379,7 +385,8 @@ class DitheringCodec final : public Codec {
       uint32_t max_bits = 0;
       double sum = 0.0;
       if (c_.max_norm) {
-        for (size_t i = 0; i < n; ++i) max_bits = std::max(max_bits, std::bit_cast<uint32_t>(e[i] + x[i]) & 0x7fffffffu);
+        for (size_t i = 0; i < n; ++i)
+          max_bits = std::max(max_bits, std::bit_cast<uint32_t>(e[i] + x[i]) & 0x7fffffffu);
       } else {
         sum = CanonicalSquareSumOfSum(e, x, n, isa);
       }
@@ -458,10 +465,12 @@ class DitheringCodec final : public Codec {
 
  private:
   // Quantise, with the AVX-512 path for linear levels where the CPU has it.
-  void QuantiseBlock(float norm, const float* x, const uint32_t* u, size_t len, uint32_t* codes, CpuIsa isa) const {
+  void QuantiseBlock(float norm, const float* x, const uint32_t* u, size_t len, uint32_t* codes,
+                     CpuIsa isa) const {
     size_t done = 0;
 #if defined(__x86_64__)
-    if (isa == CpuIsa::kAvx512 && !c_.natural && norm != 0.0f) done = QuantiseLinearAvx512(c_.s, norm, x, u, len, codes);
+    if (isa == CpuIsa::kAvx512 && !c_.natural && norm != 0.0f)
+      done = QuantiseLinearAvx512(c_.s, norm, x, u, len, codes);
 #endif
     (void)isa;
     Quantise(c_, norm, x + done, u + done, len - done, codes + done);

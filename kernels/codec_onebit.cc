@@ -113,8 +113,9 @@ class OnebitCodec final : public Codec {
   // summed and sign-packed as it goes. The residual is left deferred (y and
   // the scale): the subtraction of the decode happens when the next step (or
   // FinishResidual) reads it.
-  Result<size_t> CompressWithFeedback(std::span<const float> input, std::span<float> residual, FeedbackState& state,
-                                      std::span<uint8_t> out, const CodecContext& /*ctx*/) const override {
+  Result<size_t> CompressWithFeedback(std::span<const float> input, std::span<float> residual,
+                                      FeedbackState& state, std::span<uint8_t> out,
+                                      const CodecContext& /*ctx*/) const override {
     ZW_RETURN_IF_ERROR(internal::CheckOutputSize(*this, input.size(), out.size()));
     if (residual.size() != input.size()) {
       return InvalidArgument("onebit: residual of " + std::to_string(residual.size()) + " elements for " +

@@ -55,7 +55,6 @@
 #include "kernels/codec_internal.h"
 #include "kernels/cpu_isa.h"
 #include "kernels/philox.h"
-
 #include "kernels/simd.h"
 
 namespace zipwire::kernels {
@@ -194,8 +193,9 @@ bool ThresholdCandidatesScalar(const float* x, size_t n, uint32_t threshold, siz
 
 #if defined(__x86_64__)
 // Keys and thresholds are at most 0x7fffffff, so signed compares order them.
-__attribute__((target("avx2,bmi2"))) bool ThresholdCandidatesAvx2(const float* x, size_t n, uint32_t threshold,
-                                                                  size_t cap, Candidates* c) {
+__attribute__((target("avx2,bmi2"))) bool ThresholdCandidatesAvx2(const float* x, size_t n,
+                                                                  uint32_t threshold, size_t cap,
+                                                                  Candidates* c) {
   // pack[mask] = the positions of mask's set bits, first, as 8 packed nibbles.
   static const auto kPack = [] {
     std::array<uint32_t, 256> t{};
@@ -218,7 +218,8 @@ __attribute__((target("avx2,bmi2"))) bool ThresholdCandidatesAvx2(const float* x
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
     const __m256i keys = _mm256_and_si256(raw, abs_mask);
     // threshold >= 1 here (0 takes every entry and never reaches a filter).
-    const uint32_t mask = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(keys, below))));
+    const uint32_t mask =
+        static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(keys, below))));
     if (mask == 0) continue;
     const __m256i perm = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(kPack[mask])), nibble_shift);
     const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(i)), iota);

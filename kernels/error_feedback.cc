@@ -22,8 +22,9 @@ ErrorFeedback::Entry* ErrorFeedback::Lookup(ResidualKey key, size_t elements, St
     it = residuals_.emplace(key, Entry{std::vector<float>(elements, 0.0f), FeedbackState{}}).first;
   } else if (it->second.residual.size() != elements) {
     *status = InvalidArgument("residual of tensor " + std::to_string(key.tensor_id) + " chunk " +
-                              std::to_string(key.chunk_index) + " has " + std::to_string(it->second.residual.size()) +
-                              " elements, input has " + std::to_string(elements));
+                              std::to_string(key.chunk_index) + " has " +
+                              std::to_string(it->second.residual.size()) + " elements, input has " +
+                              std::to_string(elements));
     return nullptr;
   }
   *status = Status::Ok();
@@ -48,7 +49,8 @@ Result<size_t> ErrorFeedback::Compress(ResidualKey key, std::span<const float> i
   Status status;
   Entry* entry = Lookup(key, input.size(), &status);
   if (entry == nullptr) return status;
-  auto written = codec_->CompressWithFeedback(input, std::span<float>(entry->residual), entry->state, out, ctx);
+  auto written =
+      codec_->CompressWithFeedback(input, std::span<float>(entry->residual), entry->state, out, ctx);
   if (!written.ok()) return written.status().WithContext("error feedback");
   return written;
 }

@@ -94,8 +94,8 @@ ZW_AVX512 size_t PhiloxFillAvx512(PhiloxKey key, std::array<uint32_t, 2> hi, uin
     __m512i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
     for (int g = 0; g < kGroups; ++g) {
       const __m512i i = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(first + b + 8 * g)), iota);
-      c0[g] = i;                          // low half: the counter's low word
-      c1[g] = _mm512_srli_epi64(i, 32);   // its high word
+      c0[g] = i;                         // low half: the counter's low word
+      c1[g] = _mm512_srli_epi64(i, 32);  // its high word
       c2[g] = _mm512_set1_epi64(hi[0]);
       c3[g] = _mm512_set1_epi64(hi[1]);
     }
@@ -129,7 +129,8 @@ ZW_AVX512 size_t PhiloxFillAvx512(PhiloxKey key, std::array<uint32_t, 2> hi, uin
   return b;
 }
 
-size_t PhiloxFillVector(PhiloxKey key, std::array<uint32_t, 2> hi, uint64_t first, size_t blocks, uint32_t* out) {
+size_t PhiloxFillVector(PhiloxKey key, std::array<uint32_t, 2> hi, uint64_t first, size_t blocks,
+                        uint32_t* out) {
   switch (ActiveIsa()) {
     case CpuIsa::kAvx512:
       return PhiloxFillAvx512(key, hi, first, blocks, out);

@@ -70,7 +70,8 @@ size_t PhiloxFillAvx2(PhiloxKey key, std::array<uint32_t, 2> hi, uint64_t first,
 size_t PhiloxFillAvx512(PhiloxKey key, std::array<uint32_t, 2> hi, uint64_t first, size_t blocks,
                         uint32_t* out);
 // The path of ActiveIsa() (cpu_isa.h); 0 blocks on scalar.
-size_t PhiloxFillVector(PhiloxKey key, std::array<uint32_t, 2> hi, uint64_t first, size_t blocks, uint32_t* out);
+size_t PhiloxFillVector(PhiloxKey key, std::array<uint32_t, 2> hi, uint64_t first, size_t blocks,
+                        uint32_t* out);
 }  // namespace internal
 #endif
 

@@ -84,7 +84,8 @@ TEST(CanonicalSumTest, EveryPathMatchesThePlainSpec) {
   for (CpuIsa isa : AvailableIsas()) {
     for (size_t n : kSizes) {
       for (bool non_finite : {false, true}) {
-        SCOPED_TRACE(std::string(CpuIsaName(isa)) + " n=" + std::to_string(n) + (non_finite ? " with NaN/Inf" : ""));
+        SCOPED_TRACE(std::string(CpuIsaName(isa)) + " n=" + std::to_string(n) +
+                     (non_finite ? " with NaN/Inf" : ""));
         const auto y = SpreadInput(n, static_cast<uint32_t>(n * 3 + non_finite), non_finite);
         uint64_t finite = 0;
         const double abs_sum = PlainSum(y, false, &finite);
@@ -115,7 +116,8 @@ TEST(CanonicalSumTest, FusedUpdateMatchesUpdateThenSum) {
   for (CpuIsa isa : AvailableIsas()) {
     for (size_t n : kSizes) {
       for (const auto& off : offsets) {
-        SCOPED_TRACE(std::string(CpuIsaName(isa)) + " n=" + std::to_string(n) + " offset " + std::to_string(off[0]));
+        SCOPED_TRACE(std::string(CpuIsaName(isa)) + " n=" + std::to_string(n) + " offset " +
+                     std::to_string(off[0]));
         const auto x = SpreadInput(n, static_cast<uint32_t>(n + 1), true);
         auto y = SpreadInput(n, static_cast<uint32_t>(n + 2), true);
         std::vector<float> expect_y(n);
@@ -123,7 +125,8 @@ TEST(CanonicalSumTest, FusedUpdateMatchesUpdateThenSum) {
         uint64_t finite = 0;
         const double expect = PlainSum(expect_y, false, &finite);
         std::vector<uint8_t> words(4 * (n / 32) + 4);
-        const CanonicalAbsSum got = CanonicalAbsSumOfUpdate(x.data(), y.data(), n, off[0], off[1], words.data(), isa);
+        const CanonicalAbsSum got =
+            CanonicalAbsSumOfUpdate(x.data(), y.data(), n, off[0], off[1], words.data(), isa);
         ASSERT_EQ(0, std::memcmp(y.data(), expect_y.data(), n * sizeof(float)));
         EXPECT_TRUE(SameDouble(got.sum, expect));
         EXPECT_EQ(got.finite, finite);
@@ -146,7 +149,8 @@ TEST(CanonicalSumTest, SquareSumOfSumMatchesSumThenSquares) {
       std::vector<float> y(n);
       for (size_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
       uint64_t unused;
-      EXPECT_TRUE(SameDouble(CanonicalSquareSumOfSum(a.data(), b.data(), n, isa), PlainSum(y, true, &unused)));
+      EXPECT_TRUE(
+          SameDouble(CanonicalSquareSumOfSum(a.data(), b.data(), n, isa), PlainSum(y, true, &unused)));
     }
   }
 }
@@ -223,7 +227,8 @@ TEST(CpuIsaPathsTest, SpecialValuesGiveTheSameBytesOnEveryPath) {
   std::vector<float> x(1000);
   std::mt19937 rng(3);
   for (size_t i = 0; i < x.size(); ++i) {
-    x[i] = std::bit_cast<float>(i % 3 == 0 ? specials[rng() % std::size(specials)] : static_cast<uint32_t>(rng()));
+    x[i] = std::bit_cast<float>(i % 3 == 0 ? specials[rng() % std::size(specials)]
+                                           : static_cast<uint32_t>(rng()));
   }
   for (const char* spec : {"bf16", "fp16", "onebit", "topk:0.25", "none"}) {
     auto codec = testing::MustCreate(spec);
