@@ -188,6 +188,27 @@ Result<WireHeader> ParseHeader(std::span<const uint8_t> in) {
   return h;
 }
 
+Result<size_t> Codec::CompressWithFeedback(std::span<const float> input, std::span<float> residual,
+                                           FeedbackState& state, std::span<uint8_t> out,
+                                           const CodecContext& ctx) const {
+  ZW_RETURN_IF_ERROR(internal::CheckOutputSize(*this, input.size(), out.size()));
+  if (residual.size() != input.size()) {
+    return InvalidArgument(name() + ": residual of " + std::to_string(residual.size()) + " elements for " +
+                           std::to_string(input.size()) + " inputs");
+  }
+  if (state.deferred) FinishResidual(residual, state);
+  float* r = residual.data();
+  const size_t n = input.size();
+  for (size_t i = 0; i < n; ++i) r[i] += input[i];  // r = x + e (addition commutes exactly)
+  ZW_ASSIGN_OR_RETURN(size_t written, Compress(residual, out, ctx));
+  const Status back = DecompressAccumulate(out.first(written), residual, -1.0f);
+  if (!back.ok()) {
+    // The codec could not decode its own output: a bug, not bad input.
+    return Internal(name() + " rejected its own encoding: " + back.ToString());
+  }
+  return written;
+}
+
 namespace internal {
 
 Status CheckOutputSize(const Codec& codec, size_t elements, size_t out_size) {

@@ -49,6 +49,15 @@ struct CodecContext {
   uint64_t step = 0;
 };
 
+// What error feedback keeps of one residual besides its floats. A codec's
+// CompressWithFeedback may leave the residual in a deferred form that only it
+// reads (onebit keeps y = x + e and the chunk scale, and applies
+// e = y - decode when the residual is next read), saving a pass over memory.
+struct FeedbackState {
+  bool deferred = false;  // the floats are the codec's deferred form
+  float scale = 0.0f;     // codec-defined, meaningful only when deferred
+};
+
 // Codecs are stateless and const: one instance is shared by all threads.
 class Codec {
  public:
@@ -72,6 +81,24 @@ class Codec {
   // accum += alpha * decode(in), with the same validation.
   virtual Status DecompressAccumulate(std::span<const uint8_t> in, std::span<float> accum,
                                       float alpha = 1.0f) const = 0;
+
+  // Error feedback in one call: y = input + e (e = the residual, materialised
+  // with FinishResidual first when state.deferred), writes Compress(y) to out
+  // and leaves e' = y - decode(out) (as DecompressAccumulate(out, e, -1) would
+  // compute it, bit for bit) in residual, possibly deferred. residual.size()
+  // must equal input.size(). The default makes the three passes (e += input,
+  // Compress, DecompressAccumulate with -1); codecs override it with fused
+  // passes. On an output-size error nothing changes; on any other codec error
+  // the residual may hold input + e.
+  virtual Result<size_t> CompressWithFeedback(std::span<const float> input, std::span<float> residual,
+                                              FeedbackState& state, std::span<uint8_t> out,
+                                              const CodecContext& ctx) const;
+
+  // Turns a deferred residual into plain floats (state.deferred = false); a
+  // no-op when it is not deferred.
+  virtual void FinishResidual(std::span<float> /*residual*/, FeedbackState& state) const {
+    state.deferred = false;
+  }
 
   // Upper bound on ||x - decode(encode(x))||_2 for this input (the codec's
   // stated error bound), used by tests and by callers that check a result.

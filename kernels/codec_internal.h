@@ -118,7 +118,9 @@ struct TopkThreshold {
   size_t ties_taken = 0;  // selected entries whose key equals `key`
   size_t ties_total = 0;  // entries (of all n) whose key equals `key`
 };
-TopkThreshold SelectTopk(const float* x, size_t n, size_t k, uint32_t* idx);
+// When values is not null it receives the selected entries' bits, in the same
+// order (saving the caller a scattered read of x).
+TopkThreshold SelectTopk(const float* x, size_t n, size_t k, uint32_t* idx, uint32_t* values = nullptr);
 // sqrt(sum of x^2 over the entries SelectTopk(x, n, k) drops), in double.
 double TopkDroppedNorm(const float* x, size_t n, size_t k);
 

@@ -45,6 +45,7 @@
 // exact top-lo set (it is a prefix of the same order), so the bound is the
 // dropped norm of exact top-lo.
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -52,7 +53,9 @@
 #include <vector>
 
 #include "kernels/codec_internal.h"
+#include "kernels/cpu_isa.h"
 #include "kernels/philox.h"
+#include "kernels/simd.h"
 
 namespace zipwire::kernels {
 namespace {
@@ -71,16 +74,19 @@ inline bool AllFinite(std::span<const float> x) {
   return max_key < 0x7f800000u;
 }
 
-// Candidates for the exact selection: indices (ascending) and their keys.
+// Candidates for the exact selection: indices (ascending) and their values'
+// bits (the key is bits & 0x7fffffff; keeping the sign saves the encoder a
+// second, scattered read of x for the selected values).
 struct Candidates {
   uint32_t* idx;
-  uint32_t* key;
+  uint32_t* bits;
   size_t size;
 };
 
 // Selects the top k (key descending, index ascending) among candidates that
 // contain every entry with key >= the k-th largest key of the whole chunk.
-internal::TopkThreshold SelectAmong(const Candidates& c, size_t k, uint32_t* out) {
+// Writes the selected indices to out and, when values is not null, their bits.
+internal::TopkThreshold SelectAmong(const Candidates& c, size_t k, uint32_t* out, uint32_t* values) {
   uint32_t hist[2048];
   uint32_t prefix = 0;  // the threshold's bits above `shift`
   size_t need = k;
@@ -93,7 +99,7 @@ internal::TopkThreshold SelectAmong(const Candidates& c, size_t k, uint32_t* out
   for (const auto& d : kDigits) {
     std::memset(hist, 0, sizeof(hist));
     for (size_t i = 0; i < c.size; ++i) {
-      const uint32_t key = c.key[i];
+      const uint32_t key = c.bits[i] & 0x7fffffffu;
       // key >> 31 is 0 for every key, so the first digit counts all.
       if ((key >> prev_shift) == prefix) ++hist[(key >> d.shift) & (d.bins - 1)];
     }
@@ -107,9 +113,10 @@ internal::TopkThreshold SelectAmong(const Candidates& c, size_t k, uint32_t* out
   t.ties_taken = need;
   size_t m = 0, taken = 0;
   for (size_t i = 0; i < c.size; ++i) {
-    const uint32_t key = c.key[i];
+    const uint32_t key = c.bits[i] & 0x7fffffffu;
     if (key > t.key || (key == t.key && taken < need)) {
       taken += key == t.key ? 1 : 0;
+      if (values != nullptr) values[m] = c.bits[i];
       out[m++] = c.idx[i];
     }
   }
@@ -144,10 +151,9 @@ Candidates HistogramCandidates(const float* x, size_t n, size_t k) {
   Candidates c{internal::Scratch(tl_cand_idx, above), internal::Scratch(tl_cand_key, above), 0};
   const uint32_t lo = b << 20;
   for (i = 0; i < n; ++i) {
-    const uint32_t key = AbsKey(x[i]);
-    if (key >= lo) {
+    if (AbsKey(x[i]) >= lo) {
       c.idx[c.size] = static_cast<uint32_t>(i);
-      c.key[c.size] = key;
+      c.bits[c.size] = std::bit_cast<uint32_t>(x[i]);
       ++c.size;
     }
   }
@@ -155,10 +161,9 @@ Candidates HistogramCandidates(const float* x, size_t n, size_t k) {
 }
 
 // One pass collecting entries with key >= threshold, giving up (returns false)
-// once more than `cap` are found.
-bool ThresholdCandidates(const float* x, size_t n, uint32_t threshold, size_t cap, Candidates* c) {
-  c->idx = internal::Scratch(tl_cand_idx, cap + 8);
-  c->key = internal::Scratch(tl_cand_key, cap + 8);
+// once more than `cap` are found. Scratch has room for cap + 32 entries, so
+// the vector paths may store a whole vector past the last candidate.
+bool ThresholdCandidatesScalar(const float* x, size_t n, uint32_t threshold, size_t cap, Candidates* c) {
   size_t m = 0;
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -167,20 +172,18 @@ bool ThresholdCandidates(const float* x, size_t n, uint32_t threshold, size_t ca
     for (size_t j = 0; j < 8; ++j) any |= AbsKey(x[i + j]) >= threshold ? 1u : 0u;
     if (any == 0) continue;
     for (size_t j = 0; j < 8; ++j) {
-      const uint32_t key = AbsKey(x[i + j]);
-      if (key >= threshold) {
+      if (AbsKey(x[i + j]) >= threshold) {
         c->idx[m] = static_cast<uint32_t>(i + j);
-        c->key[m] = key;
+        c->bits[m] = std::bit_cast<uint32_t>(x[i + j]);
         ++m;
       }
     }
     if (m > cap) return false;
   }
   for (; i < n; ++i) {
-    const uint32_t key = AbsKey(x[i]);
-    if (key >= threshold) {
+    if (AbsKey(x[i]) >= threshold) {
       c->idx[m] = static_cast<uint32_t>(i);
-      c->key[m] = key;
+      c->bits[m] = std::bit_cast<uint32_t>(x[i]);
       ++m;
     }
   }
@@ -188,15 +191,118 @@ bool ThresholdCandidates(const float* x, size_t n, uint32_t threshold, size_t ca
   return m <= cap;
 }
 
+#if defined(__x86_64__)
+// Keys and thresholds are at most 0x7fffffff, so signed compares order them.
+__attribute__((target("avx2,bmi2"))) bool ThresholdCandidatesAvx2(const float* x, size_t n,
+                                                                  uint32_t threshold, size_t cap,
+                                                                  Candidates* c) {
+  // pack[mask] = the positions of mask's set bits, first, as 8 packed nibbles.
+  static const auto kPack = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t mask = 0; mask < 256; ++mask) {
+      uint32_t v = 0, k = 0;
+      for (uint32_t b = 0; b < 8; ++b) {
+        if (mask & (1u << b)) v |= b << (4 * k++);
+      }
+      t[mask] = v;
+    }
+    return t;
+  }();
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i below = _mm256_set1_epi32(static_cast<int>(threshold) - 1);
+  const __m256i nibble_shift = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  size_t m = 0;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    const __m256i keys = _mm256_and_si256(raw, abs_mask);
+    // threshold >= 1 here (0 takes every entry and never reaches a filter).
+    const uint32_t mask =
+        static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(keys, below))));
+    if (mask == 0) continue;
+    const __m256i perm = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(kPack[mask])), nibble_shift);
+    const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(i)), iota);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c->idx + m), _mm256_permutevar8x32_epi32(ids, perm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c->bits + m), _mm256_permutevar8x32_epi32(raw, perm));
+    m += static_cast<size_t>(std::popcount(mask));
+    if (m > cap) return false;
+  }
+  for (; i < n; ++i) {
+    if (AbsKey(x[i]) >= threshold) {
+      c->idx[m] = static_cast<uint32_t>(i);
+      c->bits[m] = std::bit_cast<uint32_t>(x[i]);
+      ++m;
+    }
+  }
+  c->size = m;
+  return m <= cap;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) bool ThresholdCandidatesAvx512(
+    const float* x, size_t n, uint32_t threshold, size_t cap, Candidates* c) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+  const __m512i sixteen = _mm512_set1_epi32(16);
+  __m512i ids = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  size_t m = 0;
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512i r0 = _mm512_loadu_si512(x + i);
+    const __m512i r1 = _mm512_loadu_si512(x + i + 16);
+    const __m512i k0 = _mm512_and_si512(r0, abs_mask);
+    const __m512i k1 = _mm512_and_si512(r1, abs_mask);
+    const __mmask16 m0 = _mm512_cmpge_epu32_mask(k0, thr);
+    const __mmask16 m1 = _mm512_cmpge_epu32_mask(k1, thr);
+    const __m512i ids1 = _mm512_add_epi32(ids, sixteen);
+    if ((m0 | m1) != 0) {
+      // Compress in registers and store whole vectors: faster than the
+      // memory form of compress-store on most cores.
+      _mm512_storeu_si512(c->idx + m, _mm512_maskz_compress_epi32(m0, ids));
+      _mm512_storeu_si512(c->bits + m, _mm512_maskz_compress_epi32(m0, r0));
+      m += static_cast<size_t>(std::popcount(static_cast<uint32_t>(m0)));
+      _mm512_storeu_si512(c->idx + m, _mm512_maskz_compress_epi32(m1, ids1));
+      _mm512_storeu_si512(c->bits + m, _mm512_maskz_compress_epi32(m1, r1));
+      m += static_cast<size_t>(std::popcount(static_cast<uint32_t>(m1)));
+      if (m > cap) return false;
+    }
+    ids = _mm512_add_epi32(ids1, sixteen);
+  }
+  for (; i < n; ++i) {
+    if (AbsKey(x[i]) >= threshold) {
+      c->idx[m] = static_cast<uint32_t>(i);
+      c->bits[m] = std::bit_cast<uint32_t>(x[i]);
+      ++m;
+    }
+  }
+  c->size = m;
+  return m <= cap;
+}
+#endif
+
+bool ThresholdCandidates(const float* x, size_t n, uint32_t threshold, size_t cap, Candidates* c) {
+  c->idx = internal::Scratch(tl_cand_idx, cap + 64);
+  c->bits = internal::Scratch(tl_cand_key, cap + 64);
+#if defined(__x86_64__)
+  if (threshold > 0) {
+    const CpuIsa isa = ActiveIsa();
+    if (isa == CpuIsa::kAvx512) return ThresholdCandidatesAvx512(x, n, threshold, cap, c);
+    if (isa == CpuIsa::kAvx2) return ThresholdCandidatesAvx2(x, n, threshold, cap, c);
+  }
+#endif
+  return ThresholdCandidatesScalar(x, n, threshold, cap, c);
+}
+
 }  // namespace
 
 namespace internal {
 
-TopkThreshold SelectTopk(const float* x, size_t n, size_t k, uint32_t* idx) {
+TopkThreshold SelectTopk(const float* x, size_t n, size_t k, uint32_t* idx, uint32_t* values) {
   TopkThreshold t;
   if (k == 0) return t;
   if (k >= n) {
     for (size_t i = 0; i < n; ++i) idx[i] = static_cast<uint32_t>(i);
+    if (values != nullptr) std::memcpy(values, x, 4 * n);
     return t;
   }
   Candidates c{};
@@ -219,7 +325,7 @@ TopkThreshold SelectTopk(const float* x, size_t n, size_t k, uint32_t* idx) {
     have = ThresholdCandidates(x, n, s[rank], 8 * k + 4096, &c) && c.size >= k;
   }
   if (!have) c = HistogramCandidates(x, n, k);
-  return SelectAmong(c, k, idx);
+  return SelectAmong(c, k, idx, values);
 }
 
 double TopkDroppedNorm(const float* x, size_t n, size_t k) {
@@ -258,8 +364,9 @@ CountRange SampledRange(size_t k, size_t n) {
   return {lo, hi};
 }
 
-// Writes the header, params and payload for the m ascending indices idx.
-size_t WriteSparse(CodecId id, double v, const float* x, size_t n, const uint32_t* idx, size_t m,
+// Writes the header, params and payload for the m ascending indices idx and
+// the bits of their values.
+size_t WriteSparse(CodecId id, double v, size_t n, const uint32_t* idx, const uint32_t* values, size_t m,
                    uint8_t* out) {
   size_t varint_bytes = 0;
   for (size_t i = 0; i < m; ++i) varint_bytes += VarintLen(i == 0 ? idx[0] : idx[i] - idx[i - 1]);
@@ -293,7 +400,7 @@ size_t WriteSparse(CodecId id, double v, const float* x, size_t n, const uint32_
     std::memcpy(p, idx, 4 * m);
     p += 4 * m;
   }
-  for (size_t i = 0; i < m; ++i) std::memcpy(p + 4 * i, &x[idx[i]], 4);
+  std::memcpy(p, values, 4 * m);
   return WireHeader::kBytes + kParamBytes + payload;
 }
 
@@ -398,19 +505,22 @@ class TopkCodec final : public Codec {
     const size_t n = input.size();
     if (n > kMaxElements) return InvalidArgument(name() + ": chunks are limited to 2^32 - 1 elements");
     const size_t k = internal::KFor(v_, n);
-    thread_local std::vector<uint32_t> idx_buf;
+    thread_local std::vector<uint32_t> idx_buf, value_buf;
     size_t m = k;
     const uint32_t* idx = nullptr;
+    const uint32_t* values = nullptr;
     if (id_ == CodecId::kTopkSampled && n >= kMinSampled) {
-      idx = SampledSelect(input.data(), n, k, ctx, &m);
+      idx = SampledSelect(input.data(), n, k, ctx, &m, &values);
     }
     if (idx == nullptr) {
       uint32_t* dst = internal::Scratch(idx_buf, k);
-      internal::SelectTopk(input.data(), n, k, dst);
+      uint32_t* vals = internal::Scratch(value_buf, k);
+      internal::SelectTopk(input.data(), n, k, dst, vals);
       idx = dst;
+      values = vals;
       m = k;
     }
-    return WriteSparse(id_, v_, input.data(), n, idx, m, out.data());
+    return WriteSparse(id_, v_, n, idx, values, m, out.data());
   }
 
   Status Decompress(std::span<const uint8_t> in, std::span<float> out) const override {
@@ -439,9 +549,10 @@ class TopkCodec final : public Codec {
   static constexpr size_t kMinSampled = size_t{1} << 16;
 
   // DGC threshold estimation; returns the selected indices (ascending, in
-  // scratch) and their count, or nullptr to fall back to exact top-k.
-  const uint32_t* SampledSelect(const float* x, size_t n, size_t k, const CodecContext& ctx,
-                                size_t* m_out) const {
+  // scratch) with their count and values' bits, or nullptr to fall back to
+  // exact top-k.
+  const uint32_t* SampledSelect(const float* x, size_t n, size_t k, const CodecContext& ctx, size_t* m_out,
+                                const uint32_t** values) const {
     const CountRange range = SampledRange(k, n);
     const size_t m = std::max<size_t>(1024, n / 100);
     const size_t stride = n / m;  // >= 1 since n >= 65536 > m... or m == 1024 <= n
@@ -467,6 +578,7 @@ class TopkCodec final : public Codec {
       if (ThresholdCandidates(x, n, s[r], range.hi, &c)) {
         if (c.size >= range.lo) {
           *m_out = c.size;
+          *values = c.bits;
           return c.idx;
         }
         too_few = std::max(too_few, r);

@@ -1,8 +1,10 @@
 // Error feedback over any codec: p = C(x + e); e = x + e - decode(p).
 //
-// The residual is updated in place: r += x, encode r, then r += -1 * decode(p)
-// through the codec's own DecompressAccumulate, so r ends up exactly
-// (x + e) - decode(p) as float arithmetic in that order, with no scratch copy.
+// The residual is updated in place by Codec::CompressWithFeedback: by default
+// r += x, encode r, then r += -1 * decode(p) through the codec's own
+// DecompressAccumulate, so r ends up exactly (x + e) - decode(p) as float
+// arithmetic in that order, with no scratch copy; codecs with fused passes
+// produce the same floats (possibly in a deferred form, see FeedbackState).
 #include "kernels/error_feedback.h"
 
 #include <string>
@@ -11,17 +13,18 @@ namespace zipwire::kernels {
 
 ErrorFeedback::ErrorFeedback(std::shared_ptr<const Codec> codec) : codec_(std::move(codec)) {}
 
-std::vector<float>* ErrorFeedback::Lookup(ResidualKey key, size_t elements, Status* status) {
+ErrorFeedback::Entry* ErrorFeedback::Lookup(ResidualKey key, size_t elements, Status* status) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = residuals_.find(key);
   if (it == residuals_.end()) {
     // unordered_map nodes never move, so the pointer stays valid after the
     // lock is released, until Reset().
-    it = residuals_.emplace(key, std::vector<float>(elements, 0.0f)).first;
-  } else if (it->second.size() != elements) {
+    it = residuals_.emplace(key, Entry{std::vector<float>(elements, 0.0f), FeedbackState{}}).first;
+  } else if (it->second.residual.size() != elements) {
     *status = InvalidArgument("residual of tensor " + std::to_string(key.tensor_id) + " chunk " +
-                              std::to_string(key.chunk_index) + " has " + std::to_string(it->second.size()) +
-                              " elements, input has " + std::to_string(elements));
+                              std::to_string(key.chunk_index) + " has " +
+                              std::to_string(it->second.residual.size()) + " elements, input has " +
+                              std::to_string(elements));
     return nullptr;
   }
   *status = Status::Ok();
@@ -44,21 +47,11 @@ Result<size_t> ErrorFeedback::Compress(ResidualKey key, std::span<const float> i
                            " needs for " + std::to_string(input.size()) + " elements");
   }
   Status status;
-  std::vector<float>* residual = Lookup(key, input.size(), &status);
-  if (residual == nullptr) return status;
-
-  float* r = residual->data();
-  const size_t n = input.size();
-  for (size_t i = 0; i < n; ++i) r[i] += input[i];  // r = x + e (addition commutes exactly)
-
-  const std::span<float> rs(r, n);
-  auto written = codec_->Compress(rs, out, ctx);
+  Entry* entry = Lookup(key, input.size(), &status);
+  if (entry == nullptr) return status;
+  auto written =
+      codec_->CompressWithFeedback(input, std::span<float>(entry->residual), entry->state, out, ctx);
   if (!written.ok()) return written.status().WithContext("error feedback");
-  const Status back = codec_->DecompressAccumulate(out.first(written.value()), rs, -1.0f);
-  if (!back.ok()) {
-    // The codec could not decode its own output: a bug, not bad input.
-    return Internal("error feedback: " + codec_->name() + " rejected its own encoding: " + back.ToString());
-  }
   return written;
 }
 
@@ -66,7 +59,9 @@ std::span<const float> ErrorFeedback::Residual(ResidualKey key) const {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = residuals_.find(key);
   if (it == residuals_.end()) return {};
-  return std::span<const float>(it->second);
+  Entry& entry = it->second;
+  if (entry.state.deferred) codec_->FinishResidual(std::span<float>(entry.residual), entry.state);
+  return std::span<const float>(entry.residual);
 }
 
 void ErrorFeedback::Reset() {

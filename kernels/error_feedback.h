@@ -1,5 +1,7 @@
 // Error feedback as a decorator over any codec (BytePS style):
 //   p = C(x + e);  e = x + e - decode(p)
+// done by the codec's CompressWithFeedback (fused passes where it has them;
+// the residual is bit-identical to the three-pass computation either way)
 // with the residual e kept per stable (tensor id, chunk index), never per a
 // bucket position that could change between steps.
 #pragma once
@@ -38,6 +40,8 @@ class ErrorFeedback {
                           const CodecContext& ctx);
 
   // The current residual (empty span if none yet); for tests and GraVAC.
+  // Materialises a codec's deferred form first (see FeedbackState), so it
+  // must not race with Compress on the same key.
   std::span<const float> Residual(ResidualKey key) const;
 
   void Reset();
@@ -48,11 +52,16 @@ class ErrorFeedback {
       return std::hash<uint64_t>()(k.tensor_id * 1000003u ^ k.chunk_index);
     }
   };
-  std::vector<float>* Lookup(ResidualKey key, size_t elements, Status* status);
+  struct Entry {
+    std::vector<float> residual;
+    FeedbackState state;
+  };
+  Entry* Lookup(ResidualKey key, size_t elements, Status* status);
 
   std::shared_ptr<const Codec> codec_;
   mutable std::mutex mu_;  // guards the map's structure only, never elements
-  std::unordered_map<ResidualKey, std::vector<float>, KeyHash> residuals_;
+  // mutable: Residual() materialises a deferred residual in place.
+  mutable std::unordered_map<ResidualKey, Entry, KeyHash> residuals_;
 };
 
 }  // namespace zipwire::kernels

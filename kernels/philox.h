@@ -63,10 +63,15 @@ enum class PhiloxPurpose : uint32_t {
 
 #if defined(__x86_64__)
 namespace internal {
-bool HasAvx2ForPhilox();
-// Fills whole groups of 16 blocks; returns how many blocks it wrote.
+// Fill whole groups of 16 (AVX2) or 32 (AVX-512) blocks; return how many
+// blocks they wrote. Only call a path the CPU supports.
 size_t PhiloxFillAvx2(PhiloxKey key, std::array<uint32_t, 2> hi, uint64_t first, size_t blocks,
                       uint32_t* out);
+size_t PhiloxFillAvx512(PhiloxKey key, std::array<uint32_t, 2> hi, uint64_t first, size_t blocks,
+                        uint32_t* out);
+// The path of ActiveIsa() (cpu_isa.h); 0 blocks on scalar.
+size_t PhiloxFillVector(PhiloxKey key, std::array<uint32_t, 2> hi, uint64_t first, size_t blocks,
+                        uint32_t* out);
 }  // namespace internal
 #endif
 
@@ -93,7 +98,7 @@ class PhiloxStream {
     constexpr size_t kLanes = 8;
     size_t b = 0;
 #if defined(__x86_64__)
-    if (internal::HasAvx2ForPhilox()) b = internal::PhiloxFillAvx2(key_, hi_, first, blocks, out);
+    b = internal::PhiloxFillVector(key_, hi_, first, blocks, out);
 #endif
     for (; b + kLanes <= blocks; b += kLanes) {
       uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];

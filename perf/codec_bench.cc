@@ -18,7 +18,7 @@
 //    the buffer (the reference, measured in the same run at the same size),
 //    each codec's ops and the nth_element baseline of exact top-k, prints a
 //    table and writes
-//      {"memcpy_GBps": x, "size_bytes": N, "threads": T,
+//      {"memcpy_GBps": x, "size_bytes": N, "threads": T, "cpu_isa": "avx512",
 //       "results": [{"codec": c, "op": o, "GBps": y, "ratio_to_memcpy": y/x}]}
 //
 // GB/s is always fp32 bytes per second (1 GB = 1e9 bytes): the input floats
@@ -65,6 +65,7 @@
 
 #include "core/status.h"
 #include "kernels/codec.h"
+#include "kernels/cpu_isa.h"
 #include "kernels/error_feedback.h"
 
 namespace zipwire::perf {
@@ -392,8 +393,10 @@ bool WriteJson(const std::string& path, double memcpy_gbps, const Options& opt,
     return false;
   }
   // Spec strings are [a-z0-9_.:=,-]: nothing in them needs JSON escaping.
-  std::fprintf(f, "{\"memcpy_GBps\": %.6g, \"size_bytes\": %zu, \"threads\": %d, \"results\": [", memcpy_gbps,
-               opt.bytes, opt.threads);
+  std::fprintf(f,
+               "{\"memcpy_GBps\": %.6g, \"size_bytes\": %zu, \"threads\": %d, \"cpu_isa\": \"%s\", "
+               "\"results\": [",
+               memcpy_gbps, opt.bytes, opt.threads, kernels::CpuIsaName(kernels::ActiveIsa()));
   for (size_t i = 0; i < rows.size(); ++i) {
     std::fprintf(f, "%s\n  {\"codec\": \"%s\", \"op\": \"%s\", \"GBps\": %.6g, \"ratio_to_memcpy\": %.6g}",
                  i == 0 ? "" : ",", rows[i].codec.c_str(), rows[i].op.c_str(), rows[i].gbps,
@@ -412,8 +415,9 @@ int RunSummary(const Options& opt) {
   auto gbps = [&](double seconds) { return total_bytes / seconds / 1e9; };
 
   std::printf(
-      "codec_bench: %zu bytes (%zu floats) x %d thread(s), median of >= %d rounds and >= %.2g s per case\n",
-      bytes, n, opt.threads, opt.min_reps, opt.min_time_s);
+      "codec_bench: %zu bytes (%zu floats) x %d thread(s), median of >= %d rounds and >= %.2g s per case, "
+      "CPU kernels %s (ZIPWIRE_CPU_ISA)\n",
+      bytes, n, opt.threads, opt.min_reps, opt.min_time_s, kernels::CpuIsaName(kernels::ActiveIsa()));
   std::fflush(stdout);
 
   std::vector<std::vector<float>> inputs(opt.threads);

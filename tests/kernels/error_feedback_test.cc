@@ -4,6 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <bit>
+#include <cstring>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -11,6 +14,17 @@
 
 namespace zipwire::kernels {
 namespace {
+
+// 1 + the index of the first of n elements whose bits differ, 0 when all
+// agree: memcmp that is defined for empty (null) spans and names the element.
+template <typename A, typename B>
+size_t BitDiff(const A& a, const B& b, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if (std::bit_cast<uint32_t>(a[i]) != std::bit_cast<uint32_t>(b[i])) return i + 1;
+  }
+  return 0;
+}
+
 
 using testing::RandomNormal;
 
@@ -47,6 +61,70 @@ TEST_P(ErrorFeedbackTest, ResidualIsInputPlusOldResidualMinusDecoded) {
   }
   ef.Reset();
   EXPECT_TRUE(ef.Residual(a).empty());
+}
+
+// Fused codecs may keep the residual in a deferred form between steps and
+// materialise it only when read: the payloads of steps that never read it, and
+// the residual read at the end, must still be exactly the three-pass result
+// (e += x; p = Compress(e); e += -1 * decode(p)), over several segments of
+// the canonical sum, with and without non-finite inputs.
+TEST_P(ErrorFeedbackTest, FusedPathEqualsThreePassesWithoutIntermediateReads) {
+  const std::string spec = GetParam();
+  auto codec = Shared(spec);
+  ErrorFeedback ef(codec);
+  for (size_t n : {size_t{0}, size_t{31}, size_t{3 * 8192 + 77}}) {
+    const ResidualKey key{11, static_cast<uint32_t>(n)};
+    std::vector<float> expect(n, 0.0f);
+    std::vector<uint8_t> out(codec->MaxCompressedBytes(n));
+    for (int step = 0; step < 5; ++step) {
+      auto x = RandomNormal(n, 900 + step, 1.0f + step);
+      // Step 3 carries a NaN and infinities where the codec accepts them
+      // (dithering rejects non-finite input; its error path is tested below).
+      if (step == 3 && n > 20 && spec.rfind("dithering", 0) != 0) {
+        x[3] = std::numeric_limits<float>::quiet_NaN();
+        x[7] = std::numeric_limits<float>::infinity();
+        x[n - 1] = -std::numeric_limits<float>::infinity();
+      }
+      for (size_t i = 0; i < n; ++i) expect[i] += x[i];
+      std::vector<uint8_t> direct(codec->MaxCompressedBytes(n));
+      auto want = codec->Compress(expect, direct, testing::Ctx(step));
+      auto written = ef.Compress(key, x, out, testing::Ctx(step));
+      ASSERT_EQ(want.ok(), written.ok()) << spec << " step " << step;
+      if (!want.ok()) break;
+      ASSERT_EQ(std::vector<uint8_t>(out.begin(), out.begin() + static_cast<ptrdiff_t>(*written)),
+                std::vector<uint8_t>(direct.begin(), direct.begin() + static_cast<ptrdiff_t>(*want)))
+          << spec << " n " << n << " step " << step;
+      ASSERT_TRUE(codec->DecompressAccumulate(std::span(direct).first(*want), expect, -1.0f).ok());
+    }
+    const auto r = ef.Residual(key);
+    ASSERT_EQ(r.size(), n);
+    ASSERT_EQ(0u, BitDiff(r, expect, n)) << spec << " n " << n;
+  }
+}
+
+// A chunk a codec rejects (dithering: non-finite input) fails the call; the
+// next call with good input still continues from a consistent residual.
+TEST_P(ErrorFeedbackTest, RejectedInputThenGoodInput) {
+  auto codec = Shared(GetParam());
+  ErrorFeedback ef(codec);
+  const size_t n = 8192 + 100;
+  const ResidualKey key{12, 0};
+  std::vector<uint8_t> out(codec->MaxCompressedBytes(n));
+  ASSERT_TRUE(ef.Compress(key, RandomNormal(n, 1), out, testing::Ctx(0)).ok());
+  auto bad = RandomNormal(n, 2);
+  bad[5] = std::numeric_limits<float>::quiet_NaN();
+  (void)ef.Compress(key, bad, out, testing::Ctx(1));
+  const std::vector<float> before(ef.Residual(key).begin(), ef.Residual(key).end());
+  const auto x = RandomNormal(n, 3);
+  auto written = ef.Compress(key, x, out, testing::Ctx(2));
+  std::vector<float> seen(n);
+  for (size_t i = 0; i < n; ++i) seen[i] = before[i] + x[i];
+  std::vector<uint8_t> direct(codec->MaxCompressedBytes(n));
+  auto want = codec->Compress(seen, direct, testing::Ctx(2));
+  ASSERT_EQ(want.ok(), written.ok());
+  if (!want.ok()) return;
+  EXPECT_EQ(std::vector<uint8_t>(out.begin(), out.begin() + static_cast<ptrdiff_t>(*written)),
+            std::vector<uint8_t>(direct.begin(), direct.begin() + static_cast<ptrdiff_t>(*want)));
 }
 
 TEST_P(ErrorFeedbackTest, SentPlusResidualEqualsInputs) {

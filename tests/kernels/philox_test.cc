@@ -7,6 +7,8 @@
 #include <set>
 #include <vector>
 
+#include "kernels/cpu_isa.h"
+
 namespace zipwire::kernels {
 namespace {
 
@@ -22,19 +24,28 @@ TEST(Philox, Random123KnownAnswers) {
   static_assert(Philox4x32_10({0, 0, 0, 0}, {0, 0})[0] == 0x6627e8d5u);
 }
 
+// On every path this CPU has (ZIPWIRE_CPU_ISA's choices), across the 2^32
+// block boundary where the counter's high word carries.
 TEST(Philox, FillMatchesBlockAtEveryAlignment) {
   const PhiloxStream s(1, 2, 3, 4, PhiloxPurpose::kDithering);
-  for (uint64_t first : {uint64_t{0}, uint64_t{5}, (uint64_t{1} << 32) - 3}) {
-    for (size_t blocks : {size_t{0}, size_t{1}, size_t{7}, size_t{8}, size_t{9}, size_t{33}}) {
-      std::vector<uint32_t> out(4 * blocks + 1, 0xdeadbeefu);
-      s.Fill(first, blocks, out.data());
-      for (size_t b = 0; b < blocks; ++b) {
-        const PhiloxCounter r = s.Block(first + b);
-        for (int w = 0; w < 4; ++w) ASSERT_EQ(out[4 * b + w], r[w]) << first << " " << b;
+  const CpuIsa saved = ActiveIsa();
+  for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+    if (isa > BestSupportedIsa()) continue;
+    internal::SetActiveIsaForTesting(isa);
+    for (uint64_t first : {uint64_t{0}, uint64_t{5}, (uint64_t{1} << 32) - 3, (uint64_t{1} << 32) - 20}) {
+      for (size_t blocks : {size_t{0}, size_t{1}, size_t{7}, size_t{8}, size_t{9}, size_t{33}, size_t{100}}) {
+        SCOPED_TRACE(CpuIsaName(isa));
+        std::vector<uint32_t> out(4 * blocks + 1, 0xdeadbeefu);
+        s.Fill(first, blocks, out.data());
+        for (size_t b = 0; b < blocks; ++b) {
+          const PhiloxCounter r = s.Block(first + b);
+          for (int w = 0; w < 4; ++w) ASSERT_EQ(out[4 * b + w], r[w]) << first << " " << b;
+        }
+        EXPECT_EQ(out.back(), 0xdeadbeefu) << "wrote past the blocks asked for";
       }
-      EXPECT_EQ(out.back(), 0xdeadbeefu) << "wrote past the blocks asked for";
     }
   }
+  internal::SetActiveIsaForTesting(saved);
 }
 
 TEST(Philox, ForEachDrawVisitsPositionsInOrder) {
