@@ -348,6 +348,7 @@ struct Conn {
   // Initiator side.
   uint64_t next_seq = 1;
   uint64_t peer_acked = 0;
+  uint64_t last_eager_seq = 0;  // the newest eager write: its bytes land by the target's CPU
   std::deque<std::unique_ptr<Op>> data_q;
   std::deque<Header> ctrl_q;
   std::deque<Unacked> unacked;
@@ -1430,6 +1431,13 @@ void VerbsBackend::PumpLocked(Conn* c) {
       op.remote_host = ri.host;
     }
     if (op.type == kRead) {
+      // A read must see every write posted before it. WRITE + META land by
+      // the target's NIC ahead of a later READ on the same QP (RC order), but
+      // an eager write's bytes are copied by the target's CPU when its Poll
+      // gets to them, which a READ served by the NIC can overtake: so a read
+      // waits until the target has acknowledged the eager writes before it
+      // (their ack comes after the copy). ApplyAck's caller pumps again.
+      if (op.issued == 0 && c->peer_acked < c->last_eager_seq) return;
       // Chunks of at most max_msg on QP 0, each signalled; once all are
       // posted the op waits in c->reads for its completions.
       while (op.issued < op.length || op.length == 0) {
@@ -1468,6 +1476,7 @@ void VerbsBackend::PumpLocked(Conn* c) {
       const uint64_t seq = c->next_seq;
       if (!PostMessage(c, h, op.local, op.length)) return;
       ++c->next_seq;
+      c->last_eager_seq = seq;
       // The bytes were copied at post: the source registration is not needed.
       c->unacked.push_back(Unacked{seq, kMeta, op.context, op.key, op.remote_offset, op.length, nullptr});
       PopOpLocked(c);
