@@ -83,47 +83,76 @@ struct Candidates {
   size_t size;
 };
 
+thread_local std::vector<uint32_t> tl_cand_idx, tl_cand_key, tl_sample, tl_bucket;
+
+// The k-th largest of keys[0, size) (1 <= k <= size), with how many keys equal
+// it. Radix select relative to the keys' minimum: candidates above a sampled
+// threshold span a narrow range (often a couple of binades), where fixed
+// digits of the raw bits would put nearly all of them in a few bins. Each
+// level histograms 4096 bins over the current range and keeps only the bin
+// holding the k-th key, copied out, so later levels touch a few entries.
+internal::TopkThreshold KthLargestKey(const uint32_t* keys, size_t size, size_t k) {
+  constexpr int kBinBits = 12;
+  uint32_t hist[1u << kBinBits];
+  internal::TopkThreshold t;
+  while (true) {
+    uint32_t lo = 0xffffffffu, hi = 0;
+    for (size_t i = 0; i < size; ++i) {
+      lo = std::min(lo, keys[i]);
+      hi = std::max(hi, keys[i]);
+    }
+    const uint32_t span = hi - lo;
+    const int shift = std::max(0, static_cast<int>(std::bit_width(span)) - kBinBits);
+    const uint32_t top = span >> shift;
+    std::memset(hist, 0, sizeof(uint32_t) * (top + 1));
+    for (size_t i = 0; i < size; ++i) ++hist[(keys[i] - lo) >> shift];
+    uint32_t b = top;
+    while (hist[b] < k) k -= hist[b--];  // sum(hist) = size >= k, so b stays >= 0
+    if (shift == 0) {
+      t.key = lo + b;
+      t.ties_total = hist[b];
+      t.ties_taken = k;
+      return t;
+    }
+    // Only the keys of bin b can still be the k-th; they move to scratch,
+    // which keys may already point into: copy forward in place then.
+    uint32_t* dst = keys == tl_bucket.data() ? tl_bucket.data() : internal::Scratch(tl_bucket, hist[b]);
+    size_t m = 0;
+    for (size_t i = 0; i < size; ++i) {
+      const uint32_t key = keys[i];
+      dst[m] = key;
+      m += ((key - lo) >> shift) == b ? 1 : 0;
+    }
+    keys = dst;
+    size = m;
+  }
+}
+
 // Selects the top k (key descending, index ascending) among candidates that
 // contain every entry with key >= the k-th largest key of the whole chunk.
 // Writes the selected indices to out and, when values is not null, their bits.
 internal::TopkThreshold SelectAmong(const Candidates& c, size_t k, uint32_t* out, uint32_t* values) {
-  uint32_t hist[2048];
-  uint32_t prefix = 0;  // the threshold's bits above `shift`
-  size_t need = k;
-  const struct {
-    int shift;
-    uint32_t bins;
-  } kDigits[] = {{20, 2048}, {10, 1024}, {0, 1024}};
-  internal::TopkThreshold t;
-  int prev_shift = 31;
-  for (const auto& d : kDigits) {
-    std::memset(hist, 0, sizeof(hist));
-    for (size_t i = 0; i < c.size; ++i) {
-      const uint32_t key = c.bits[i] & 0x7fffffffu;
-      // key >> 31 is 0 for every key, so the first digit counts all.
-      if ((key >> prev_shift) == prefix) ++hist[(key >> d.shift) & (d.bins - 1)];
-    }
-    uint32_t b = d.bins - 1;
-    while (hist[b] < need) need -= hist[b--];  // sum(hist) >= need, so b stays >= 0
-    prefix = (prefix << (prev_shift - d.shift)) | b;
-    t.ties_total = hist[b];
-    prev_shift = d.shift;
-  }
-  t.key = prefix;
-  t.ties_taken = need;
+  // The keys (sign cleared), in the bucket scratch.
+  uint32_t* keys = internal::Scratch(tl_bucket, c.size);
+  for (size_t i = 0; i < c.size; ++i) keys[i] = c.bits[i] & 0x7fffffffu;
+  const internal::TopkThreshold t = KthLargestKey(keys, c.size, k);
+  // Branch-free: most candidates are selected, but not predictably so. The
+  // slot out[m] is written before knowing whether it is kept, so the loop
+  // stops once k are kept (out holds exactly k).
   size_t m = 0, taken = 0;
-  for (size_t i = 0; i < c.size; ++i) {
+  const size_t need = t.ties_taken;
+  for (size_t i = 0; i < c.size && m < k; ++i) {
     const uint32_t key = c.bits[i] & 0x7fffffffu;
-    if (key > t.key || (key == t.key && taken < need)) {
-      taken += key == t.key ? 1 : 0;
-      if (values != nullptr) values[m] = c.bits[i];
-      out[m++] = c.idx[i];
-    }
+    const size_t tie = key == t.key ? 1 : 0;
+    const size_t take = (key > t.key ? 1 : 0) | (tie & (taken < need ? 1 : 0));
+    taken += tie & take;
+    out[m] = c.idx[i];
+    if (values != nullptr) values[m] = c.bits[i];
+    m += take;
   }
   return t;
 }
 
-thread_local std::vector<uint32_t> tl_cand_idx, tl_cand_key, tl_sample;
 
 // Candidates = entries whose top 11 key bits are >= those of the k-th largest,
 // found with one histogram pass and one collection pass.
