@@ -274,27 +274,27 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) bool ThresholdCand
   const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
   const __m512i sixteen = _mm512_set1_epi32(16);
   __m512i ids = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  uint32_t* const idx = c->idx;
+  uint32_t* const bits = c->bits;
   size_t m = 0;
   size_t i = 0;
   for (; i + 32 <= n; i += 32) {
     const __m512i r0 = _mm512_loadu_si512(x + i);
     const __m512i r1 = _mm512_loadu_si512(x + i + 16);
-    const __m512i k0 = _mm512_and_si512(r0, abs_mask);
-    const __m512i k1 = _mm512_and_si512(r1, abs_mask);
-    const __mmask16 m0 = _mm512_cmpge_epu32_mask(k0, thr);
-    const __mmask16 m1 = _mm512_cmpge_epu32_mask(k1, thr);
+    const __mmask16 m0 = _mm512_cmpge_epu32_mask(_mm512_and_si512(r0, abs_mask), thr);
+    const __mmask16 m1 = _mm512_cmpge_epu32_mask(_mm512_and_si512(r1, abs_mask), thr);
     const __m512i ids1 = _mm512_add_epi32(ids, sixteen);
-    if ((m0 | m1) != 0) {
-      // Compress in registers and store whole vectors: faster than the
-      // memory form of compress-store on most cores.
-      _mm512_storeu_si512(c->idx + m, _mm512_maskz_compress_epi32(m0, ids));
-      _mm512_storeu_si512(c->bits + m, _mm512_maskz_compress_epi32(m0, r0));
-      m += static_cast<size_t>(std::popcount(static_cast<uint32_t>(m0)));
-      _mm512_storeu_si512(c->idx + m, _mm512_maskz_compress_epi32(m1, ids1));
-      _mm512_storeu_si512(c->bits + m, _mm512_maskz_compress_epi32(m1, r1));
-      m += static_cast<size_t>(std::popcount(static_cast<uint32_t>(m1)));
-      if (m > cap) return false;
-    }
+    // Branch-free: about a third of the 32-blocks hold a candidate, at
+    // random, so a test-and-skip mispredicts more than the stores cost.
+    // Compressing in registers and storing whole vectors is faster than the
+    // memory form of compress-store on most cores.
+    _mm512_storeu_si512(idx + m, _mm512_maskz_compress_epi32(m0, ids));
+    _mm512_storeu_si512(bits + m, _mm512_maskz_compress_epi32(m0, r0));
+    m += static_cast<size_t>(std::popcount(static_cast<uint32_t>(m0)));
+    _mm512_storeu_si512(idx + m, _mm512_maskz_compress_epi32(m1, ids1));
+    _mm512_storeu_si512(bits + m, _mm512_maskz_compress_epi32(m1, r1));
+    m += static_cast<size_t>(std::popcount(static_cast<uint32_t>(m1)));
+    if (m > cap) return false;
     ids = _mm512_add_epi32(ids1, sixteen);
   }
   for (; i < n; ++i) {
@@ -393,14 +393,54 @@ CountRange SampledRange(size_t k, size_t n) {
   return {lo, hi};
 }
 
+// Canonical LEB128 of d as the low VarintLen(d) bytes of the result, in
+// little-endian order: the 7-bit groups spread apart, continuation bits on
+// every byte but the last.
+inline uint64_t VarintWord(uint32_t d, size_t len) {
+  const uint64_t v = uint64_t{d & 0x7fu} | (uint64_t{d & 0x3f80u} << 1) | (uint64_t{d & 0x1fc000u} << 2) |
+                     (uint64_t{d & 0xfe00000u} << 3) | (uint64_t{d >> 28} << 32);
+  return v | (0x8080808080ull & ((uint64_t{1} << (8 * (len - 1))) - 1));
+}
+
+// Writes idx's varint coding at p if it is strictly shorter than raw (4m
+// bytes), returning its length, else returns 0 (p's bytes then are garbage).
+// p has room for 8m bytes (the values follow the index block), so whole
+// 8-byte words may be stored while at least 8 bytes of that room remain.
+size_t TryVarintIndices(const uint32_t* idx, size_t m, uint8_t* p) {
+  const size_t raw = 4 * m;
+  size_t bytes = 0;
+  uint32_t prev = 0;
+  size_t i = 0;
+  for (; i < m && bytes + 8 <= 2 * raw; ++i) {
+    const uint32_t d = idx[i] - prev;
+    prev = idx[i];
+    const size_t len = VarintLen(d);
+    const uint64_t word = VarintWord(d, len);
+    std::memcpy(p + bytes, &word, 8);
+    bytes += len;
+    if (bytes >= raw) return 0;
+  }
+  for (; i < m; ++i) {
+    const uint32_t d = idx[i] - prev;
+    prev = idx[i];
+    const size_t len = VarintLen(d);
+    const uint64_t word = VarintWord(d, len);
+    if (bytes + len >= raw) return 0;
+    for (size_t b = 0; b < len; ++b) p[bytes + b] = static_cast<uint8_t>(word >> (8 * b));
+    bytes += len;
+  }
+  return bytes;
+}
+
 // Writes the header, params and payload for the m ascending indices idx and
 // the bits of their values.
 size_t WriteSparse(CodecId id, double v, size_t n, const uint32_t* idx, const uint32_t* values, size_t m,
                    uint8_t* out) {
-  size_t varint_bytes = 0;
-  for (size_t i = 0; i < m; ++i) varint_bytes += VarintLen(i == 0 ? idx[0] : idx[i] - idx[i - 1]);
-  const bool varint = varint_bytes < 4 * m;
+  uint8_t* const index_block = out + WireHeader::kBytes + kParamBytes + 4;
+  const size_t varint_bytes = TryVarintIndices(idx, m, index_block);
+  const bool varint = varint_bytes > 0;
   const size_t index_bytes = varint ? varint_bytes : 4 * m;
+  if (!varint) std::memcpy(index_block, idx, 4 * m);
   const size_t payload = 4 + index_bytes + 4 * m;
   WireHeader h;
   h.codec = id;
@@ -413,23 +453,7 @@ size_t WriteSparse(CodecId id, double v, size_t n, const uint32_t* idx, const ui
   internal::StoreF64(p, v);
   p += kParamBytes;
   internal::StoreLe32(p, static_cast<uint32_t>(m));
-  p += 4;
-  if (varint) {
-    uint32_t prev = 0;
-    for (size_t i = 0; i < m; ++i) {
-      uint32_t d = idx[i] - prev;
-      prev = idx[i];
-      while (d >= 0x80u) {
-        *p++ = static_cast<uint8_t>(d | 0x80u);
-        d >>= 7;
-      }
-      *p++ = static_cast<uint8_t>(d);
-    }
-  } else {
-    std::memcpy(p, idx, 4 * m);
-    p += 4 * m;
-  }
-  std::memcpy(p, values, 4 * m);
+  std::memcpy(index_block + index_bytes, values, 4 * m);
   return WireHeader::kBytes + kParamBytes + payload;
 }
 

@@ -170,6 +170,31 @@ TEST(Topk, ExactAgainstSortReferenceWithTies) {
   }
 }
 
+// Bit-pattern inputs that stress the radix levels: any 32 bits (NaN, Inf and
+// subnormals included, the widest key range), and keys packed into a few
+// thousand ulps with many ties (the refinement levels see narrow bins). The
+// selected values' bits must come back with the indices.
+TEST(Topk, ExactAgainstSortReferenceOnRawBitPatterns) {
+  std::mt19937 rng(11);
+  for (size_t n : {100, 70000, 300000}) {
+    for (int variant = 0; variant < 3; ++variant) {
+      std::vector<float> x(n);
+      for (auto& v : x) {
+        const uint32_t bits = variant == 0   ? static_cast<uint32_t>(rng())
+                              : variant == 1 ? 0x3f800000u + static_cast<uint32_t>(rng() % 5000)
+                                             : 0x7f800000u + static_cast<uint32_t>(rng() % 3);  // Inf, NaNs
+        v = std::bit_cast<float>(bits | (rng() % 2 ? 0x80000000u : 0u));
+      }
+      for (size_t k : {size_t{1}, n / 100 + 1, n / 3 + 1}) {
+        std::vector<uint32_t> got(k), values(k);
+        internal::SelectTopk(x.data(), n, k, got.data(), values.data());
+        ASSERT_EQ(got, ReferenceTopk(x, k)) << "n=" << n << " k=" << k << " variant " << variant;
+        for (size_t i = 0; i < k; ++i) ASSERT_EQ(values[i], Bits(x[got[i]])) << "n=" << n << " i=" << i;
+      }
+    }
+  }
+}
+
 TEST(Topk, CodecSendsExactlyTopkAndBoundIsDroppedNorm) {
   auto codec = MustCreate("topk:0.01");
   const size_t n = 100000;
