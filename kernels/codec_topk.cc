@@ -249,7 +249,7 @@ __attribute__((target("avx2,bmi2"))) bool ThresholdCandidatesAvx2(const float* x
     // threshold >= 1 here (0 takes every entry and never reaches a filter).
     const uint32_t mask =
         static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(keys, below))));
-    if (mask == 0) continue;
+    // Branch-free, as in the AVX-512 filter: blocks holding a candidate come at random.
     const __m256i perm = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(kPack[mask])), nibble_shift);
     const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(i)), iota);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(c->idx + m), _mm256_permutevar8x32_epi32(ids, perm));
