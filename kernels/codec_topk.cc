@@ -341,7 +341,7 @@ TopkThreshold SelectTopk(const float* x, size_t n, size_t k, uint32_t* idx, uint
     // threshold with about 1.2k entries above it (plus 4 sigma of sampling noise); any threshold leaving >= k
     // candidates is safe, since then every top-k entry and every tie of the
     // k-th key is above it. Too few or too many: the histogram path.
-    const size_t m = std::max<size_t>(4096, n >> 8);
+    const size_t m = std::max<size_t>(4096, n >> 10);
     const size_t stride = n / m;
     uint32_t* s = Scratch(tl_sample, m);
     for (size_t i = 0; i < m; ++i) {
