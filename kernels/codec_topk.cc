@@ -24,9 +24,10 @@
 //
 // topk is exact: the k largest |x|, ties broken towards the lowest index, so
 // the output is a pure function of x. Selection is a radix select on the bit
-// patterns of |x| (11 + 10 + 10 bits), never a sort. Big chunks first filter
-// with a threshold taken from a deterministic sample (kept only when it
-// provably leaves >= k candidates), so usually one pass over x is made.
+// patterns of |x| (4096-bin levels over the candidates' key range), never a
+// sort. Big chunks first filter with a threshold taken from a deterministic
+// sample (kept only when it provably leaves >= k candidates), so usually one
+// pass over x is made.
 //
 // topk_sampled estimates the threshold from a stratified ~1% sample drawn with
 // Philox (purpose kTopkSample, ctx's seed/tensor/chunk/step), keeps every
