@@ -154,7 +154,6 @@ internal::TopkThreshold SelectAmong(const Candidates& c, size_t k, uint32_t* out
   return t;
 }
 
-
 // Candidates = entries whose top 11 key bits are >= those of the k-th largest,
 // found with one histogram pass and one collection pass.
 Candidates HistogramCandidates(const float* x, size_t n, size_t k) {
