@@ -251,6 +251,33 @@ Result<std::span<const uint8_t>> ValidateSimple(std::span<const uint8_t> in, Cod
   return in.subspan(WireHeader::kBytes);
 }
 
+Status AccumulateEncoded16(CodecId id, std::span<const uint8_t> in, std::span<uint8_t> accum,
+                           Decode16Fn decode, Encode16Fn encode) {
+  ZW_ASSIGN_OR_RETURN(WireHeader ha, ParseHeader(accum));
+  const std::string who = CodecIdName(id);
+  if (ha.codec != id) {
+    return InvalidArgument(who + ": accumulator is encoded by " + CodecIdName(ha.codec) + ", not " + who);
+  }
+  const size_t n = ha.elements;
+  // payload_bytes was checked against the real size, so n * 2 cannot wrap.
+  if (ha.payload_bytes / 2 != n || ha.payload_bytes % 2 != 0) {
+    return Corrupt(who + ": accumulator payload does not hold its element count");
+  }
+  ZW_ASSIGN_OR_RETURN(auto src, ValidateSimple(in, id, n, n * 2));
+  ZW_RETURN_IF_ERROR(ValidateSimple(accum, id, n, n * 2).status());
+  uint8_t* dst = accum.data() + WireHeader::kBytes;
+  constexpr size_t kBlock = 1024;
+  float a[kBlock], b[kBlock];
+  for (size_t base = 0; base < n; base += kBlock) {
+    const size_t len = std::min(kBlock, n - base);
+    decode(dst + 2 * base, a, len);
+    decode(src.data() + 2 * base, b, len);
+    for (size_t i = 0; i < len; ++i) a[i] += b[i];
+    encode(a, dst + 2 * base, len);
+  }
+  return Status::Ok();
+}
+
 Status RejectParams(const CodecSpec& spec) {
   if (spec.params.empty()) return Status::Ok();
   return InvalidArgument("codec '" + spec.name + "' takes no parameters, got '" + spec.ToString() + "'");

@@ -80,6 +80,8 @@ void FromBf16(const uint8_t* in, float* out, size_t n, float alpha) {
   }
 }
 
+void DecodeBf16(const uint8_t* in, float* out, size_t n) { FromBf16<false>(in, out, n, 1.0f); }
+
 class Bf16Codec final : public Codec {
  public:
   CodecId id() const override { return CodecId::kBf16; }
@@ -131,26 +133,7 @@ class Bf16Codec final : public Codec {
   bool is_linear() const override { return true; }
 
   Status AccumulateEncoded(std::span<const uint8_t> in, std::span<uint8_t> accum) const override {
-    ZW_ASSIGN_OR_RETURN(WireHeader ha, ParseHeader(accum));
-    if (ha.codec != CodecId::kBf16) return InvalidArgument("bf16: accumulator is not a bf16 buffer");
-    const size_t n = ha.elements;
-    // payload_bytes was checked against the real size, so n * 2 cannot wrap.
-    if (ha.payload_bytes / 2 != n || ha.payload_bytes % 2 != 0) {
-      return Corrupt("bf16: accumulator payload does not hold its element count");
-    }
-    ZW_ASSIGN_OR_RETURN(auto src, internal::ValidateSimple(in, CodecId::kBf16, n, n * 2));
-    ZW_RETURN_IF_ERROR(internal::ValidateSimple(accum, CodecId::kBf16, n, n * 2).status());
-    uint8_t* dst = accum.data() + WireHeader::kBytes;
-    constexpr size_t kBlock = 1024;
-    float a[kBlock], b[kBlock];
-    for (size_t base = 0; base < n; base += kBlock) {
-      const size_t len = std::min(kBlock, n - base);
-      FromBf16<false>(dst + 2 * base, a, len, 1.0f);
-      FromBf16<false>(src.data() + 2 * base, b, len, 1.0f);
-      for (size_t i = 0; i < len; ++i) a[i] += b[i];
-      ToBf16(a, dst + 2 * base, len);
-    }
-    return Status::Ok();
+    return internal::AccumulateEncoded16(CodecId::kBf16, in, accum, DecodeBf16, ToBf16);
   }
 };
 

@@ -221,26 +221,7 @@ class Fp16Codec final : public Codec {
   bool is_linear() const override { return true; }
 
   Status AccumulateEncoded(std::span<const uint8_t> in, std::span<uint8_t> accum) const override {
-    ZW_ASSIGN_OR_RETURN(WireHeader ha, ParseHeader(accum));
-    if (ha.codec != CodecId::kFp16) return InvalidArgument("fp16: accumulator is not an fp16 buffer");
-    const size_t n = ha.elements;
-    // payload_bytes was checked against the real size, so n * 2 cannot wrap.
-    if (ha.payload_bytes / 2 != n || ha.payload_bytes % 2 != 0) {
-      return Corrupt("fp16: accumulator payload does not hold its element count");
-    }
-    ZW_ASSIGN_OR_RETURN(auto src, internal::ValidateSimple(in, CodecId::kFp16, n, n * 2));
-    ZW_RETURN_IF_ERROR(internal::ValidateSimple(accum, CodecId::kFp16, n, n * 2).status());
-    uint8_t* dst = accum.data() + WireHeader::kBytes;
-    constexpr size_t kBlock = 1024;
-    float a[kBlock], b[kBlock];
-    for (size_t base = 0; base < n; base += kBlock) {
-      const size_t len = std::min(kBlock, n - base);
-      HalfToFloat(dst + 2 * base, a, len);
-      HalfToFloat(src.data() + 2 * base, b, len);
-      for (size_t i = 0; i < len; ++i) a[i] += b[i];
-      FloatToHalf(a, dst + 2 * base, len);
-    }
-    return Status::Ok();
+    return internal::AccumulateEncoded16(CodecId::kFp16, in, accum, HalfToFloat, FloatToHalf);
   }
 };
 

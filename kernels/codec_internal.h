@@ -83,6 +83,15 @@ Result<std::span<const uint8_t>> ValidateSimple(std::span<const uint8_t> in, Cod
 
 Status RejectParams(const CodecSpec& spec);
 
+// AccumulateEncoded of the 16-bit float codecs (bf16, fp16: 2 payload bytes
+// per element, no parameters): accum = encode(decode(accum) + decode(in)),
+// one fp32 addition and one rounding per element, a cache-resident block at a
+// time. Both buffers are validated as `id` buffers of accum's element count.
+using Decode16Fn = void (*)(const uint8_t* in, float* out, size_t n);
+using Encode16Fn = void (*)(const float* in, uint8_t* out, size_t n);
+Status AccumulateEncoded16(CodecId id, std::span<const uint8_t> in, std::span<uint8_t> accum,
+                           Decode16Fn decode, Encode16Fn encode);
+
 // Decode-side header checks shared by the codecs with parameters: parses,
 // names `id` (else kInvalidArgument), encodes exactly `out_elements`
 // (else kInvalidArgument). Params and payload are the caller's to check.

@@ -24,9 +24,10 @@
 //
 // topk is exact: the k largest |x|, ties broken towards the lowest index, so
 // the output is a pure function of x. Selection is a radix select on the bit
-// patterns of |x| (11 + 10 + 10 bits), never a sort. Big chunks first filter
-// with a threshold taken from a deterministic sample (kept only when it
-// provably leaves >= k candidates), so usually one pass over x is made.
+// patterns of |x| (4096-bin levels over the candidates' key range), never a
+// sort. Big chunks first filter with a threshold taken from a deterministic
+// sample (kept only when it provably leaves >= k candidates), so usually one
+// pass over x is made.
 //
 // topk_sampled estimates the threshold from a stratified ~1% sample drawn with
 // Philox (purpose kTopkSample, ctx's seed/tensor/chunk/step), keeps every
@@ -83,47 +84,75 @@ struct Candidates {
   size_t size;
 };
 
+thread_local std::vector<uint32_t> tl_cand_idx, tl_cand_key, tl_sample, tl_bucket;
+
+// The k-th largest of keys[0, size) (1 <= k <= size), with how many keys equal
+// it. Radix select relative to the keys' minimum: candidates above a sampled
+// threshold span a narrow range (often a couple of binades), where fixed
+// digits of the raw bits would put nearly all of them in a few bins. Each
+// level histograms 4096 bins over the current range and keeps only the bin
+// holding the k-th key, copied out, so later levels touch a few entries.
+internal::TopkThreshold KthLargestKey(const uint32_t* keys, size_t size, size_t k) {
+  constexpr int kBinBits = 12;
+  uint32_t hist[1u << kBinBits];
+  internal::TopkThreshold t;
+  while (true) {
+    uint32_t lo = 0xffffffffu, hi = 0;
+    for (size_t i = 0; i < size; ++i) {
+      lo = std::min(lo, keys[i]);
+      hi = std::max(hi, keys[i]);
+    }
+    const uint32_t span = hi - lo;
+    const int shift = std::max(0, static_cast<int>(std::bit_width(span)) - kBinBits);
+    const uint32_t top = span >> shift;
+    std::memset(hist, 0, sizeof(uint32_t) * (top + 1));
+    for (size_t i = 0; i < size; ++i) ++hist[(keys[i] - lo) >> shift];
+    uint32_t b = top;
+    while (hist[b] < k) k -= hist[b--];  // sum(hist) = size >= k, so b stays >= 0
+    if (shift == 0) {
+      t.key = lo + b;
+      t.ties_total = hist[b];
+      t.ties_taken = k;
+      return t;
+    }
+    // Only the keys of bin b can still be the k-th; they move to scratch,
+    // which keys may already point into: copy forward in place then.
+    uint32_t* dst = keys == tl_bucket.data() ? tl_bucket.data() : internal::Scratch(tl_bucket, hist[b]);
+    size_t m = 0;
+    for (size_t i = 0; i < size; ++i) {
+      const uint32_t key = keys[i];
+      dst[m] = key;
+      m += ((key - lo) >> shift) == b ? 1 : 0;
+    }
+    keys = dst;
+    size = m;
+  }
+}
+
 // Selects the top k (key descending, index ascending) among candidates that
 // contain every entry with key >= the k-th largest key of the whole chunk.
 // Writes the selected indices to out and, when values is not null, their bits.
 internal::TopkThreshold SelectAmong(const Candidates& c, size_t k, uint32_t* out, uint32_t* values) {
-  uint32_t hist[2048];
-  uint32_t prefix = 0;  // the threshold's bits above `shift`
-  size_t need = k;
-  const struct {
-    int shift;
-    uint32_t bins;
-  } kDigits[] = {{20, 2048}, {10, 1024}, {0, 1024}};
-  internal::TopkThreshold t;
-  int prev_shift = 31;
-  for (const auto& d : kDigits) {
-    std::memset(hist, 0, sizeof(hist));
-    for (size_t i = 0; i < c.size; ++i) {
-      const uint32_t key = c.bits[i] & 0x7fffffffu;
-      // key >> 31 is 0 for every key, so the first digit counts all.
-      if ((key >> prev_shift) == prefix) ++hist[(key >> d.shift) & (d.bins - 1)];
-    }
-    uint32_t b = d.bins - 1;
-    while (hist[b] < need) need -= hist[b--];  // sum(hist) >= need, so b stays >= 0
-    prefix = (prefix << (prev_shift - d.shift)) | b;
-    t.ties_total = hist[b];
-    prev_shift = d.shift;
-  }
-  t.key = prefix;
-  t.ties_taken = need;
+  // The keys (sign cleared), in the bucket scratch.
+  uint32_t* keys = internal::Scratch(tl_bucket, c.size);
+  for (size_t i = 0; i < c.size; ++i) keys[i] = c.bits[i] & 0x7fffffffu;
+  const internal::TopkThreshold t = KthLargestKey(keys, c.size, k);
+  // Branch-free: most candidates are selected, but not predictably so. The
+  // slot out[m] is written before knowing whether it is kept, so the loop
+  // stops once k are kept (out holds exactly k).
   size_t m = 0, taken = 0;
-  for (size_t i = 0; i < c.size; ++i) {
+  const size_t need = t.ties_taken;
+  for (size_t i = 0; i < c.size && m < k; ++i) {
     const uint32_t key = c.bits[i] & 0x7fffffffu;
-    if (key > t.key || (key == t.key && taken < need)) {
-      taken += key == t.key ? 1 : 0;
-      if (values != nullptr) values[m] = c.bits[i];
-      out[m++] = c.idx[i];
-    }
+    const size_t tie = key == t.key ? 1 : 0;
+    const size_t take = (key > t.key ? 1 : 0) | (tie & (taken < need ? 1 : 0));
+    taken += tie & take;
+    out[m] = c.idx[i];
+    if (values != nullptr) values[m] = c.bits[i];
+    m += take;
   }
   return t;
 }
-
-thread_local std::vector<uint32_t> tl_cand_idx, tl_cand_key, tl_sample;
 
 // Candidates = entries whose top 11 key bits are >= those of the k-th largest,
 // found with one histogram pass and one collection pass.
@@ -220,7 +249,7 @@ __attribute__((target("avx2,bmi2"))) bool ThresholdCandidatesAvx2(const float* x
     // threshold >= 1 here (0 takes every entry and never reaches a filter).
     const uint32_t mask =
         static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(keys, below))));
-    if (mask == 0) continue;
+    // Branch-free, as in the AVX-512 filter: blocks holding a candidate come at random.
     const __m256i perm = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(kPack[mask])), nibble_shift);
     const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(i)), iota);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(c->idx + m), _mm256_permutevar8x32_epi32(ids, perm));
@@ -245,27 +274,27 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) bool ThresholdCand
   const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
   const __m512i sixteen = _mm512_set1_epi32(16);
   __m512i ids = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  uint32_t* const idx = c->idx;
+  uint32_t* const bits = c->bits;
   size_t m = 0;
   size_t i = 0;
   for (; i + 32 <= n; i += 32) {
     const __m512i r0 = _mm512_loadu_si512(x + i);
     const __m512i r1 = _mm512_loadu_si512(x + i + 16);
-    const __m512i k0 = _mm512_and_si512(r0, abs_mask);
-    const __m512i k1 = _mm512_and_si512(r1, abs_mask);
-    const __mmask16 m0 = _mm512_cmpge_epu32_mask(k0, thr);
-    const __mmask16 m1 = _mm512_cmpge_epu32_mask(k1, thr);
+    const __mmask16 m0 = _mm512_cmpge_epu32_mask(_mm512_and_si512(r0, abs_mask), thr);
+    const __mmask16 m1 = _mm512_cmpge_epu32_mask(_mm512_and_si512(r1, abs_mask), thr);
     const __m512i ids1 = _mm512_add_epi32(ids, sixteen);
-    if ((m0 | m1) != 0) {
-      // Compress in registers and store whole vectors: faster than the
-      // memory form of compress-store on most cores.
-      _mm512_storeu_si512(c->idx + m, _mm512_maskz_compress_epi32(m0, ids));
-      _mm512_storeu_si512(c->bits + m, _mm512_maskz_compress_epi32(m0, r0));
-      m += static_cast<size_t>(std::popcount(static_cast<uint32_t>(m0)));
-      _mm512_storeu_si512(c->idx + m, _mm512_maskz_compress_epi32(m1, ids1));
-      _mm512_storeu_si512(c->bits + m, _mm512_maskz_compress_epi32(m1, r1));
-      m += static_cast<size_t>(std::popcount(static_cast<uint32_t>(m1)));
-      if (m > cap) return false;
-    }
+    // Branch-free: about a third of the 32-blocks hold a candidate, at
+    // random, so a test-and-skip mispredicts more than the stores cost.
+    // Compressing in registers and storing whole vectors is faster than the
+    // memory form of compress-store on most cores.
+    _mm512_storeu_si512(idx + m, _mm512_maskz_compress_epi32(m0, ids));
+    _mm512_storeu_si512(bits + m, _mm512_maskz_compress_epi32(m0, r0));
+    m += static_cast<size_t>(std::popcount(static_cast<uint32_t>(m0)));
+    _mm512_storeu_si512(idx + m, _mm512_maskz_compress_epi32(m1, ids1));
+    _mm512_storeu_si512(bits + m, _mm512_maskz_compress_epi32(m1, r1));
+    m += static_cast<size_t>(std::popcount(static_cast<uint32_t>(m1)));
+    if (m > cap) return false;
     ids = _mm512_add_epi32(ids1, sixteen);
   }
   for (; i < n; ++i) {
@@ -312,7 +341,7 @@ TopkThreshold SelectTopk(const float* x, size_t n, size_t k, uint32_t* idx, uint
     // threshold with about 1.2k entries above it (plus 4 sigma of sampling noise); any threshold leaving >= k
     // candidates is safe, since then every top-k entry and every tie of the
     // k-th key is above it. Too few or too many: the histogram path.
-    const size_t m = std::max<size_t>(4096, n >> 8);
+    const size_t m = std::max<size_t>(4096, n >> 10);
     const size_t stride = n / m;
     uint32_t* s = Scratch(tl_sample, m);
     for (size_t i = 0; i < m; ++i) {
@@ -364,14 +393,54 @@ CountRange SampledRange(size_t k, size_t n) {
   return {lo, hi};
 }
 
+// Canonical LEB128 of d as the low VarintLen(d) bytes of the result, in
+// little-endian order: the 7-bit groups spread apart, continuation bits on
+// every byte but the last.
+inline uint64_t VarintWord(uint32_t d, size_t len) {
+  const uint64_t v = uint64_t{d & 0x7fu} | (uint64_t{d & 0x3f80u} << 1) | (uint64_t{d & 0x1fc000u} << 2) |
+                     (uint64_t{d & 0xfe00000u} << 3) | (uint64_t{d >> 28} << 32);
+  return v | (0x8080808080ull & ((uint64_t{1} << (8 * (len - 1))) - 1));
+}
+
+// Writes idx's varint coding at p if it is strictly shorter than raw (4m
+// bytes), returning its length, else returns 0 (p's bytes then are garbage).
+// p has room for 8m bytes (the values follow the index block), so whole
+// 8-byte words may be stored while at least 8 bytes of that room remain.
+size_t TryVarintIndices(const uint32_t* idx, size_t m, uint8_t* p) {
+  const size_t raw = 4 * m;
+  size_t bytes = 0;
+  uint32_t prev = 0;
+  size_t i = 0;
+  for (; i < m && bytes + 8 <= 2 * raw; ++i) {
+    const uint32_t d = idx[i] - prev;
+    prev = idx[i];
+    const size_t len = VarintLen(d);
+    const uint64_t word = VarintWord(d, len);
+    std::memcpy(p + bytes, &word, 8);
+    bytes += len;
+    if (bytes >= raw) return 0;
+  }
+  for (; i < m; ++i) {
+    const uint32_t d = idx[i] - prev;
+    prev = idx[i];
+    const size_t len = VarintLen(d);
+    const uint64_t word = VarintWord(d, len);
+    if (bytes + len >= raw) return 0;
+    for (size_t b = 0; b < len; ++b) p[bytes + b] = static_cast<uint8_t>(word >> (8 * b));
+    bytes += len;
+  }
+  return bytes;
+}
+
 // Writes the header, params and payload for the m ascending indices idx and
 // the bits of their values.
 size_t WriteSparse(CodecId id, double v, size_t n, const uint32_t* idx, const uint32_t* values, size_t m,
                    uint8_t* out) {
-  size_t varint_bytes = 0;
-  for (size_t i = 0; i < m; ++i) varint_bytes += VarintLen(i == 0 ? idx[0] : idx[i] - idx[i - 1]);
-  const bool varint = varint_bytes < 4 * m;
+  uint8_t* const index_block = out + WireHeader::kBytes + kParamBytes + 4;
+  const size_t varint_bytes = TryVarintIndices(idx, m, index_block);
+  const bool varint = varint_bytes > 0;
   const size_t index_bytes = varint ? varint_bytes : 4 * m;
+  if (!varint) std::memcpy(index_block, idx, 4 * m);
   const size_t payload = 4 + index_bytes + 4 * m;
   WireHeader h;
   h.codec = id;
@@ -384,23 +453,7 @@ size_t WriteSparse(CodecId id, double v, size_t n, const uint32_t* idx, const ui
   internal::StoreF64(p, v);
   p += kParamBytes;
   internal::StoreLe32(p, static_cast<uint32_t>(m));
-  p += 4;
-  if (varint) {
-    uint32_t prev = 0;
-    for (size_t i = 0; i < m; ++i) {
-      uint32_t d = idx[i] - prev;
-      prev = idx[i];
-      while (d >= 0x80u) {
-        *p++ = static_cast<uint8_t>(d | 0x80u);
-        d >>= 7;
-      }
-      *p++ = static_cast<uint8_t>(d);
-    }
-  } else {
-    std::memcpy(p, idx, 4 * m);
-    p += 4 * m;
-  }
-  std::memcpy(p, values, 4 * m);
+  std::memcpy(index_block + index_bytes, values, 4 * m);
   return WireHeader::kBytes + kParamBytes + payload;
 }
 

@@ -93,26 +93,34 @@ TEST(Bf16, CodecBytesAndBound) {
 // ------------------------------------------------------- linear codecs
 
 TEST(AccumulateEncoded, HalfPrecisionSumsInFp32AndReRounds) {
-  for (const char* spec : {"fp16", "bf16"}) {
-    auto codec = MustCreate(spec);
-    ASSERT_TRUE(codec->is_linear());
-    const size_t n = 1001;
-    const auto a = RandomNormal(n, 1), b = RandomNormal(n, 2);
-    auto acc = testing::Encode(*codec, a);
-    const auto eb = testing::Encode(*codec, b);
-    const auto da = Decode(*codec, acc, n), db = Decode(*codec, eb, n);
-    ASSERT_TRUE(codec->AccumulateEncoded(eb, acc).ok()) << spec;
-    std::vector<float> sum(n);
-    for (size_t i = 0; i < n; ++i) sum[i] = da[i] + db[i];
-    EXPECT_EQ(acc, testing::Encode(*codec, sum)) << spec << ": accum must be the rounding of the fp32 sum";
-    // Shape mismatch and malformed input leave the accumulator alone.
-    const auto before = acc;
-    EXPECT_EQ(codec->AccumulateEncoded(testing::Encode(*codec, RandomNormal(n - 1, 3)), acc).code(),
-              StatusCode::kInvalidArgument);
-    auto bad = eb;
-    bad.pop_back();
-    EXPECT_EQ(codec->AccumulateEncoded(bad, acc).code(), StatusCode::kCorrupt);
-    EXPECT_EQ(acc, before);
+  // 2500 spans several of the helper's 1024-element blocks, with a partial last one.
+  for (const size_t n : {size_t{1001}, size_t{2500}}) {
+    SCOPED_TRACE(n);
+    for (const char* spec : {"fp16", "bf16"}) {
+      auto codec = MustCreate(spec);
+      ASSERT_TRUE(codec->is_linear());
+      const auto a = RandomNormal(n, 1), b = RandomNormal(n, 2);
+      auto acc = testing::Encode(*codec, a);
+      const auto eb = testing::Encode(*codec, b);
+      const auto da = Decode(*codec, acc, n), db = Decode(*codec, eb, n);
+      ASSERT_TRUE(codec->AccumulateEncoded(eb, acc).ok()) << spec;
+      std::vector<float> sum(n);
+      for (size_t i = 0; i < n; ++i) sum[i] = da[i] + db[i];
+      EXPECT_EQ(acc, testing::Encode(*codec, sum)) << spec << ": accum must be the rounding of the fp32 sum";
+      // Shape mismatch and malformed input leave the accumulator alone.
+      const auto before = acc;
+      EXPECT_EQ(codec->AccumulateEncoded(testing::Encode(*codec, RandomNormal(n - 1, 3)), acc).code(),
+                StatusCode::kInvalidArgument);
+      auto bad = eb;
+      bad.pop_back();
+      EXPECT_EQ(codec->AccumulateEncoded(bad, acc).code(), StatusCode::kCorrupt);
+      // An accumulator of the other 16-bit codec is refused, not reinterpreted.
+      auto other = testing::Encode(*MustCreate(std::string(spec) == "fp16" ? "bf16" : "fp16"), a);
+      const auto other_before = other;
+      EXPECT_EQ(codec->AccumulateEncoded(eb, other).code(), StatusCode::kInvalidArgument);
+      EXPECT_EQ(other, other_before);
+      EXPECT_EQ(acc, before);
+    }
   }
 }
 
@@ -165,6 +173,31 @@ TEST(Topk, ExactAgainstSortReferenceWithTies) {
         std::vector<uint32_t> got(k);
         internal::SelectTopk(x.data(), n, k, got.data());
         ASSERT_EQ(got, ReferenceTopk(x, k)) << "n=" << n << " k=" << k << " variant " << variant;
+      }
+    }
+  }
+}
+
+// Bit-pattern inputs that stress the radix levels: any 32 bits (NaN, Inf and
+// subnormals included, the widest key range), and keys packed into a few
+// thousand ulps with many ties (the refinement levels see narrow bins). The
+// selected values' bits must come back with the indices.
+TEST(Topk, ExactAgainstSortReferenceOnRawBitPatterns) {
+  std::mt19937 rng(11);
+  for (size_t n : {100, 70000, 300000}) {
+    for (int variant = 0; variant < 3; ++variant) {
+      std::vector<float> x(n);
+      for (auto& v : x) {
+        const uint32_t bits = variant == 0   ? static_cast<uint32_t>(rng())
+                              : variant == 1 ? 0x3f800000u + static_cast<uint32_t>(rng() % 5000)
+                                             : 0x7f800000u + static_cast<uint32_t>(rng() % 3);  // Inf, NaNs
+        v = std::bit_cast<float>(bits | (rng() % 2 ? 0x80000000u : 0u));
+      }
+      for (size_t k : {size_t{1}, n / 100 + 1, n / 3 + 1}) {
+        std::vector<uint32_t> got(k), values(k);
+        internal::SelectTopk(x.data(), n, k, got.data(), values.data());
+        ASSERT_EQ(got, ReferenceTopk(x, k)) << "n=" << n << " k=" << k << " variant " << variant;
+        for (size_t i = 0; i < k; ++i) ASSERT_EQ(values[i], Bits(x[got[i]])) << "n=" << n << " i=" << i;
       }
     }
   }
