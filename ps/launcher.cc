@@ -84,6 +84,18 @@ void Launcher::KillAll(int signal) {
   }
 }
 
+Launcher::Child* Launcher::Reap(int* status) {
+  pid_t pid = waitpid(-1, status, WNOHANG);
+  if (pid <= 0) return nullptr;
+  for (auto& c : children_) {
+    if (c.pid != pid || !c.running) continue;
+    c.running = false;
+    c.status = *status;
+    return &c;
+  }
+  return nullptr;  // not one of ours
+}
+
 Status Launcher::WaitAll(std::chrono::milliseconds grace) {
   Status first_failure;
   bool stopping = false;
@@ -106,20 +118,32 @@ Status Launcher::WaitAll(std::chrono::milliseconds grace) {
       }
     }
     int status = 0;
-    pid_t pid = waitpid(-1, &status, WNOHANG);
-    if (pid > 0) {
-      for (auto& c : children_) {
-        if (c.pid != pid || !c.running) continue;
-        c.running = false;
-        c.status = status;
-        if (Failed(status) && !stopping) {
-          std::string what = c.name + " (pid " + std::to_string(pid) + ") " + DescribeExit(status);
-          std::fprintf(stderr, "zipwire: %s; stopping the rest of the cluster\n", what.c_str());
-          if (first_failure.ok()) first_failure = Status(StatusCode::kPeerClosed, what);
-          stopping = true;
-          stop_deadline = std::chrono::steady_clock::now() + grace;
-          KillAll(SIGTERM);
+    Child* exited = Reap(&status);
+    if (exited != nullptr) {
+      if (Failed(status) && !stopping) {
+        // Failures cascade: a worker killed by a signal makes the server exit
+        // with an error a moment later, and waitpid may report the two in
+        // either order. Let the cascade settle briefly (nothing is signalled
+        // yet) and blame the root cause: a child killed by a signal before
+        // one that exited with an error code, else the first reaped.
+        Child* cause = exited;
+        const auto settle_until = std::chrono::steady_clock::now() + kSettle;
+        while (std::chrono::steady_clock::now() < settle_until && running()) {
+          int other_status = 0;
+          Child* other = Reap(&other_status);
+          if (other == nullptr) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
+            continue;
+          }
+          if (Failed(other_status) && WIFSIGNALED(other_status) && !WIFSIGNALED(cause->status)) cause = other;
         }
+        std::string what =
+            cause->name + " (pid " + std::to_string(cause->pid) + ") " + DescribeExit(cause->status);
+        std::fprintf(stderr, "zipwire: %s; stopping the rest of the cluster\n", what.c_str());
+        if (first_failure.ok()) first_failure = Status(StatusCode::kPeerClosed, what);
+        stopping = true;
+        stop_deadline = std::chrono::steady_clock::now() + grace;
+        KillAll(SIGTERM);
       }
       continue;
     }

@@ -39,6 +39,13 @@ class Launcher {
     bool running = false;
     int status = 0;
   };
+  // How long a first failure waits for the rest of its cascade before the
+  // launcher blames one child (see WaitAll).
+  static constexpr std::chrono::milliseconds kSettle{300};
+
+  // waitpid(-1, WNOHANG): the child that exited (marked stopped), or null.
+  Child* Reap(int* status);
+
   std::vector<Child> children_;
 };
 
