@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -28,6 +29,33 @@ T GetLE(const uint8_t* p) {
 // [offset, offset + length) inside [0, size), without overflow.
 inline bool RangeInside(uint64_t offset, uint64_t length, uint64_t size) {
   return offset <= size && length <= size - offset;
+}
+
+// The initiator's checks on a one-sided post (PostWrite, PostRead), with the
+// same messages on every backend; `op` names the call.
+inline Status CheckRemoteRange(const char* op, const RemoteRegion& remote, uint64_t offset, uint64_t length) {
+  if (RangeInside(offset, length, remote.length)) return Status::Ok();
+  return OutOfRange(std::string(op) + ": remote range [" + std::to_string(offset) + ", +" +
+                    std::to_string(length) + ") is outside remote region key " + std::to_string(remote.key) +
+                    " of " + std::to_string(remote.length) + " bytes");
+}
+inline Status CheckPostLength(const char* op, uint64_t length, uint64_t max_bytes) {
+  if (length <= max_bytes) return Status::Ok();
+  return InvalidArgument(std::string(op) + " of " + std::to_string(length) +
+                         " bytes exceeds max_write_bytes " + std::to_string(max_bytes));
+}
+// `live`: the backend holds local.key as a registration of exactly
+// (local.addr, local.length).
+inline Status CheckLocalRange(const char* op, const MemoryRegion& local, bool live, uint64_t offset,
+                              uint64_t length) {
+  if (!live) {
+    return InvalidArgument(std::string(op) + ": local region key " + std::to_string(local.key) +
+                           " is not a live registration of this backend");
+  }
+  if (RangeInside(offset, length, local.length)) return Status::Ok();
+  return OutOfRange(std::string(op) + ": local range [" + std::to_string(offset) + ", +" +
+                    std::to_string(length) + ") is outside local region key " + std::to_string(local.key) +
+                    " of " + std::to_string(local.length) + " bytes");
 }
 
 // Grows, never shrinks: pushing a completion allocates nothing in steady state.

@@ -543,21 +543,10 @@ Frame* TcpBackend::AllocFrameLocked() {
 Status TcpBackend::CheckLocalRangeLocked(const char* op, const MemoryRegion& local, uint64_t local_offset,
                                          uint64_t length) {
   auto reg = regions_.find(local.key);
-  if (reg == regions_.end() || reg->second.dying || reg->second.region.addr != local.addr ||
-      reg->second.region.length != local.length) {
-    return InvalidArgument(std::string(op) + ": local region key " + std::to_string(local.key) +
-                           " is not a live registration of this backend");
-  }
-  if (!RangeInside(local_offset, length, local.length)) {
-    return OutOfRange(std::string(op) + ": local range [" + std::to_string(local_offset) + ", +" +
-                      std::to_string(length) + ") is outside local region key " + std::to_string(local.key) +
-                      " of " + std::to_string(local.length) + " bytes");
-  }
-  if (length > kTcpMaxWriteBytes) {
-    return InvalidArgument(std::string(op) + " of " + std::to_string(length) +
-                           " bytes exceeds max_write_bytes " + std::to_string(kTcpMaxWriteBytes));
-  }
-  return Status::Ok();
+  const bool live = reg != regions_.end() && !reg->second.dying && reg->second.region.addr == local.addr &&
+                    reg->second.region.length == local.length;
+  ZW_RETURN_IF_ERROR(internal::CheckLocalRange(op, local, live, local_offset, length));
+  return internal::CheckPostLength(op, length, kTcpMaxWriteBytes);
 }
 
 Status TcpBackend::QueueFrameLocked(PeerId peer, Frame* f, Connection** out) {
@@ -580,11 +569,7 @@ Status TcpBackend::QueueFrameLocked(PeerId peer, Frame* f, Connection** out) {
 Status TcpBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t local_offset,
                              const RemoteRegion& remote, uint64_t remote_offset, uint64_t length,
                              uint32_t imm, uint64_t context) {
-  if (!RangeInside(remote_offset, length, remote.length)) {
-    return OutOfRange("PostWrite: remote range [" + std::to_string(remote_offset) + ", +" +
-                      std::to_string(length) + ") is outside remote region key " +
-                      std::to_string(remote.key) + " of " + std::to_string(remote.length) + " bytes");
-  }
+  ZW_RETURN_IF_ERROR(internal::CheckRemoteRange("PostWrite", remote, remote_offset, length));
   Touch();
   Connection* c = nullptr;
   {
@@ -612,11 +597,7 @@ Status TcpBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t lo
 Status TcpBackend::PostRead(PeerId peer, const MemoryRegion& local, uint64_t local_offset,
                             const RemoteRegion& remote, uint64_t remote_offset, uint64_t length,
                             uint64_t context) {
-  if (!RangeInside(remote_offset, length, remote.length)) {
-    return OutOfRange("PostRead: remote range [" + std::to_string(remote_offset) + ", +" +
-                      std::to_string(length) + ") is outside remote region key " +
-                      std::to_string(remote.key) + " of " + std::to_string(remote.length) + " bytes");
-  }
+  ZW_RETURN_IF_ERROR(internal::CheckRemoteRange("PostRead", remote, remote_offset, length));
   Touch();
   Connection* c = nullptr;
   {

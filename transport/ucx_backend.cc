@@ -82,10 +82,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdarg>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <cstdarg>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -283,7 +283,8 @@ Status ReadAll(int fd, uint8_t* p, size_t n, Clock::time_point deadline, const s
     if (r == 0) return Unavailable(who + " closed the connection during the ucx handshake");
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
-      if (!WaitFd(fd, POLLIN, deadline)) return Timeout("no answer from " + who + " during the ucx handshake");
+      if (!WaitFd(fd, POLLIN, deadline))
+        return Timeout("no answer from " + who + " during the ucx handshake");
       continue;
     }
     return Unavailable(who + " went away during the ucx handshake: " + std::strerror(errno));
@@ -348,7 +349,8 @@ ucs_log_func_rc_t QuietUcxErrors(const char*, unsigned, const char*, ucs_log_lev
 // for the header byte and the worker's 64-bit uuid, and the same address
 // format version (the header's low four bits) as our own UCX writes.
 constexpr size_t kMinWorkerAddressBytes = 9;
-Status CheckWorkerAddress(std::span<const uint8_t> peer, std::span<const uint8_t> own, const std::string& who) {
+Status CheckWorkerAddress(std::span<const uint8_t> peer, std::span<const uint8_t> own,
+                          const std::string& who) {
   if (peer.size() < kMinWorkerAddressBytes) {
     return Corrupt(who + " sent a ucp worker address of " + std::to_string(peer.size()) + " bytes");
   }
@@ -585,10 +587,10 @@ class UcxBackend final : public Backend {
   int efd_ = -1;
   int wake_fd_ = -1;
   bool closed_ = false;
-  int pollers_ = 0;                    // threads inside Poll
-  int sleepers_ = 0;                   // of which asleep on the event fd
-  std::unordered_set<void*> closing_;  // endpoint close requests in flight
-  int in_ucx_ = 0;                     // > 0 while UCX may be calling us back
+  int pollers_ = 0;                                        // threads inside Poll
+  int sleepers_ = 0;                                       // of which asleep on the event fd
+  std::unordered_set<void*> closing_;                      // endpoint close requests in flight
+  int in_ucx_ = 0;                                         // > 0 while UCX may be calling us back
   std::vector<std::pair<ucp_ep_h, bool>> deferred_close_;  // {ep, force}
   CompletionRing completions_;
   std::unordered_map<uint64_t, Region> regions_;
@@ -689,7 +691,8 @@ Result<std::string> UcxBackend::Listen() {
   Touch();
   std::lock_guard lk(mu_);
   if (closed_) return Cancelled("ucx backend closed");
-  if (listen_sock_.get() >= 0) return FailedPrecondition("ucx backend already listening on " + listen_address_);
+  if (listen_sock_.get() >= 0)
+    return FailedPrecondition("ucx backend already listening on " + listen_address_);
   sockaddr_storage ss{};
   socklen_t len = 0;
   const std::string where = options_.listen_host + ":" + std::to_string(options_.listen_port);
@@ -699,7 +702,8 @@ Result<std::string> UcxBackend::Listen() {
   if (sock.get() < 0) return IoError("cannot listen on " + where + ": socket: " + std::strerror(errno));
   int one = 1;
   ::setsockopt(sock.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  if (::bind(sock.get(), reinterpret_cast<const sockaddr*>(&ss), len) != 0 || ::listen(sock.get(), 128) != 0) {
+  if (::bind(sock.get(), reinterpret_cast<const sockaddr*>(&ss), len) != 0 ||
+      ::listen(sock.get(), 128) != 0) {
     return Unavailable("cannot listen on " + where + ": " + std::strerror(errno));
   }
   sockaddr_storage bound{};
@@ -731,8 +735,8 @@ Conn* UcxBackend::NewConnLocked(PeerId peer, std::string address, ConnState stat
 
 Status UcxBackend::CreateEpLocked(Conn* c, const std::vector<uint8_t>& worker_address, bool peer_errors) {
   ucp_ep_params_t ep{};
-  ep.field_mask =
-      UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                  UCP_EP_PARAM_FIELD_ERR_HANDLER;
   ep.address = reinterpret_cast<const ucp_address_t*>(worker_address.data());
   ep.err_mode = peer_errors ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
   ep.err_handler.cb = &ErrCb;
@@ -758,8 +762,8 @@ Status UcxBackend::CreateEpLocked(Conn* c, const std::vector<uint8_t>& worker_ad
 // connection use the server's choice (handshake flag).
 bool UcxBackend::ProbePeerErrors() {
   ucp_ep_params_t ep{};
-  ep.field_mask =
-      UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                  UCP_EP_PARAM_FIELD_ERR_HANDLER;
   ep.address = reinterpret_cast<const ucp_address_t*>(worker_address_.data());
   ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
   ep.err_handler.cb = [](void*, ucp_ep_h, ucs_status_t) {};
@@ -770,9 +774,10 @@ bool UcxBackend::ProbePeerErrors() {
   ucs_log_pop_handler();
   g_quiet_ucx_errors = false;
   if (st != UCS_OK) {
-    ZW_LOG(kInfo, "ucx: the transports in use have no peer-failure handling (" << ucs_status_string(st)
-                                                                              << "); a lost peer shows through "
-                                                                                 "its liveness socket");
+    ZW_LOG(kInfo, "ucx: the transports in use have no peer-failure handling ("
+                      << ucs_status_string(st)
+                      << "); a lost peer shows through "
+                         "its liveness socket");
     return false;
   }
   ucp_request_param_t prm{};
@@ -844,15 +849,17 @@ void UcxBackend::SocketLoop() {
       // Whatever the peer sent before it went is taken in first.
       ProgressLocked();
       if (c->state == ConnState::kClosed) continue;
-      FailConnLocked(c,
-                     PeerClosed(c->Name() + (r > 0 ? " sent bytes on its liveness socket"
-                                                   : " went away (its process exited or its backend closed)")),
-                     true);
+      FailConnLocked(
+          c,
+          PeerClosed(c->Name() + (r > 0 ? " sent bytes on its liveness socket"
+                                        : " went away (its process exited or its backend closed)")),
+          true);
     }
     if (listen_fd >= 0 && (fds[1].revents & POLLIN)) {
       sockaddr_storage from{};
       socklen_t from_len = sizeof(from);
-      Fd sock(::accept4(listen_fd, reinterpret_cast<sockaddr*>(&from), &from_len, SOCK_NONBLOCK | SOCK_CLOEXEC));
+      Fd sock(
+          ::accept4(listen_fd, reinterpret_cast<sockaddr*>(&from), &from_len, SOCK_NONBLOCK | SOCK_CLOEXEC));
       if (sock.get() < 0) continue;  // the client gave up, or EMFILE: it retries
       int one = 1;
       ::setsockopt(sock.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -887,7 +894,8 @@ void UcxBackend::ServeHandshake(Fd sock, const std::string& address) {
     ZW_LOG(kWarn, "ucx: dropping connection from " << address << ": " << st.message());
     return;
   }
-  if (Status st = CheckWorkerAddress(peer_worker, worker_address_, who); !st.ok()) return refuse(st.message());
+  if (Status st = CheckWorkerAddress(peer_worker, worker_address_, who); !st.ok())
+    return refuse(st.message());
   Conn* c = nullptr;
   {
     std::lock_guard lk(mu_);
@@ -897,8 +905,8 @@ void UcxBackend::ServeHandshake(Fd sock, const std::string& address) {
     }
     auto it = by_peer_.find(rank);
     if (it != by_peer_.end() && it->second->state != ConnState::kClosed) {
-      return refuse("duplicate rank " + std::to_string(rank) + " (already connected via " + it->second->address +
-                    ")");
+      return refuse("duplicate rank " + std::to_string(rank) + " (already connected via " +
+                    it->second->address + ")");
     }
     // Endpoint first: whatever the client sends once it has our answer then
     // finds a connection that knows it.
@@ -930,8 +938,9 @@ void UcxBackend::ServeHandshake(Fd sock, const std::string& address) {
 }
 
 // One attempt: hello out, answer in. `refusal` is set if the peer said no.
-Status UcxBackend::ClientHandshake(int fd, PeerId peer, const std::string& address, Clock::time_point deadline,
-                                   std::vector<uint8_t>* peer_worker, std::string* refusal, bool* peer_errors) {
+Status UcxBackend::ClientHandshake(int fd, PeerId peer, const std::string& address,
+                                   Clock::time_point deadline, std::vector<uint8_t>* peer_worker,
+                                   std::string* refusal, bool* peer_errors) {
   const std::string who = "peer " + std::to_string(peer) + " at " + address;
   HandshakeHdr h;
   h.word = self_.load();
@@ -1179,28 +1188,16 @@ void UcxBackend::IssueLocked(Op* op, unsigned id, const void* buffer, size_t len
 Status UcxBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t local_offset,
                              const RemoteRegion& remote, uint64_t remote_offset, uint64_t length,
                              uint32_t imm, uint64_t context) {
-  if (!RangeInside(remote_offset, length, remote.length)) {
-    return OutOfRange("PostWrite: remote range " + RangeString(remote_offset, length) +
-                      " is outside remote region key " + std::to_string(remote.key) + " of " +
-                      std::to_string(remote.length) + " bytes");
-  }
-  if (length > kUcxMaxWriteBytes) {
-    return InvalidArgument("PostWrite of " + std::to_string(length) + " bytes exceeds max_write_bytes " +
-                           std::to_string(kUcxMaxWriteBytes));
-  }
+  ZW_RETURN_IF_ERROR(internal::CheckRemoteRange("PostWrite", remote, remote_offset, length));
+  ZW_RETURN_IF_ERROR(internal::CheckPostLength("PostWrite", length, kUcxMaxWriteBytes));
   Touch();
   std::lock_guard lk(mu_);
   if (closed_) return Cancelled("ucx backend closed");
   auto reg = regions_.find(local.key);
-  if (reg == regions_.end() || reg->second.addr != local.addr || reg->second.length != local.length) {
-    return InvalidArgument("PostWrite: local region key " + std::to_string(local.key) +
-                           " is not a live registration of this backend");
-  }
-  if (!RangeInside(local_offset, length, reg->second.length)) {
-    return OutOfRange("PostWrite: local range " + RangeString(local_offset, length) +
-                      " is outside local region key " + std::to_string(local.key) + " of " +
-                      std::to_string(reg->second.length) + " bytes");
-  }
+  ZW_RETURN_IF_ERROR(internal::CheckLocalRange(
+      "PostWrite", local,
+      reg != regions_.end() && reg->second.addr == local.addr && reg->second.length == local.length,
+      local_offset, length));
   auto it = by_peer_.find(peer);
   if (it == by_peer_.end()) return FailedPrecondition("peer " + std::to_string(peer) + " is not connected");
   Conn* c = it->second;
@@ -1226,28 +1223,16 @@ Status UcxBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t lo
 Status UcxBackend::PostRead(PeerId peer, const MemoryRegion& local, uint64_t local_offset,
                             const RemoteRegion& remote, uint64_t remote_offset, uint64_t length,
                             uint64_t context) {
-  if (!RangeInside(remote_offset, length, remote.length)) {
-    return OutOfRange("PostRead: remote range " + RangeString(remote_offset, length) +
-                      " is outside remote region key " + std::to_string(remote.key) + " of " +
-                      std::to_string(remote.length) + " bytes");
-  }
-  if (length > kUcxMaxWriteBytes) {
-    return InvalidArgument("PostRead of " + std::to_string(length) + " bytes exceeds max_write_bytes " +
-                           std::to_string(kUcxMaxWriteBytes));
-  }
+  ZW_RETURN_IF_ERROR(internal::CheckRemoteRange("PostRead", remote, remote_offset, length));
+  ZW_RETURN_IF_ERROR(internal::CheckPostLength("PostRead", length, kUcxMaxWriteBytes));
   Touch();
   std::lock_guard lk(mu_);
   if (closed_) return Cancelled("ucx backend closed");
   auto reg = regions_.find(local.key);
-  if (reg == regions_.end() || reg->second.addr != local.addr || reg->second.length != local.length) {
-    return InvalidArgument("PostRead: local region key " + std::to_string(local.key) +
-                           " is not a live registration of this backend");
-  }
-  if (!RangeInside(local_offset, length, reg->second.length)) {
-    return OutOfRange("PostRead: local range " + RangeString(local_offset, length) +
-                      " is outside local region key " + std::to_string(local.key) + " of " +
-                      std::to_string(reg->second.length) + " bytes");
-  }
+  ZW_RETURN_IF_ERROR(internal::CheckLocalRange(
+      "PostRead", local,
+      reg != regions_.end() && reg->second.addr == local.addr && reg->second.length == local.length,
+      local_offset, length));
   auto it = by_peer_.find(peer);
   if (it == by_peer_.end()) return FailedPrecondition("peer " + std::to_string(peer) + " is not connected");
   Conn* c = it->second;
@@ -1732,8 +1717,8 @@ ucs_status_t UcxBackend::OnReadResp(Conn* c, const void* header, size_t header_l
     const char* why = h.code == kNackUnknownKey   ? "unknown key (never registered or deregistered)"
                       : h.code == kNackOutOfRange ? "range outside its registration"
                                                   : "refused";
-    FinishReadLocked(op, OutOfRange(c->Name() + " refused the read of " + RangeString(0, op->length) +
-                                    ": " + why));
+    FinishReadLocked(
+        op, OutOfRange(c->Name() + " refused the read of " + RangeString(0, op->length) + ": " + why));
     return UCS_OK;
   }
   if (length != op->length) {
@@ -1763,8 +1748,8 @@ ucs_status_t UcxBackend::OnReadResp(Conn* c, const void* header, size_t header_l
     return UCS_OK;
   }
   ucp_request_param_t prm{};
-  prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMORY_TYPE |
-                     UCP_OP_ATTR_FIELD_MEMH;
+  prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                     UCP_OP_ATTR_FIELD_MEMORY_TYPE | UCP_OP_ATTR_FIELD_MEMH;
   prm.cb.recv_am = &ReadRecvCb;
   prm.user_data = op;
   prm.memory_type = reg->second.kind == MemoryKind::kCuda ? UCS_MEMORY_TYPE_CUDA : UCS_MEMORY_TYPE_HOST;
@@ -2008,8 +1993,8 @@ size_t UcxBackend::Poll(std::span<Completion> out, std::chrono::milliseconds tim
   if (closed_) return 0;
   ++pollers_;
   size_t n = 0;
-  bool second = false;     // timeout 0: two rounds, no clock
-  bool spinning = false;   // inside the busy-poll phase: the clock is read every kClockEvery rounds
+  bool second = false;    // timeout 0: two rounds, no clock
+  bool spinning = false;  // inside the busy-poll phase: the clock is read every kClockEvery rounds
   unsigned since_clock = 0;
   Clock::time_point deadline, spin_until;
   bool timed = false;

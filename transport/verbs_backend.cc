@@ -120,7 +120,7 @@ constexpr uint8_t kPort = 1;
 constexpr uint64_t kRecvBit = uint64_t{1} << 63;
 
 constexpr uint64_t kHelloMagic = 0x3176005642495a57ull;  // "WZIBV\0v1"
-constexpr uint32_t kWireVersion = 2;  // 2: eager writes, REPLY says the memory kind
+constexpr uint32_t kWireVersion = 2;                     // 2: eager writes, REPLY says the memory kind
 constexpr size_t kHelloBytes = 240;
 constexpr size_t kReasonBytes = 64;
 
@@ -480,8 +480,8 @@ class VerbsBackend final : public Backend {
   int helper_wake_fd_ = -1;  // eventfd: the helper's fd set changed / stop
   std::atomic<bool> stop_{false};
   std::thread helper_;
-  std::atomic<uint64_t> activity_{0};  // bumped by every Poll and post
-  std::atomic<int> pollers_{0};        // threads inside Poll (they make progress themselves)
+  std::atomic<uint64_t> activity_{0};        // bumped by every Poll and post
+  std::atomic<int> pollers_{0};              // threads inside Poll (they make progress themselves)
   std::atomic<uint64_t> helper_fds_gen_{0};  // bumped when the helper's fd set changes
   std::mt19937 rng_{std::random_device{}()};
 };
@@ -1047,14 +1047,15 @@ Result<std::shared_ptr<ibv_mr>> VerbsBackend::RegisterHost(void* addr, size_t le
 // itself (nvidia-peermem); when both fail, one status says why each did.
 Result<std::shared_ptr<ibv_mr>> VerbsBackend::RegisterCuda(void* addr, size_t length) {
   if (Status st = CudaDriverAvailable(); !st.ok()) {
-    return NotSupported("verbs: cannot register " + std::to_string(length) + " bytes of CUDA memory: " +
-                        st.message());
+    return NotSupported("verbs: cannot register " + std::to_string(length) +
+                        " bytes of CUDA memory: " + st.message());
   }
   const uintptr_t a = reinterpret_cast<uintptr_t>(addr);
   std::string dmabuf_why;
   auto dmabuf = CudaExportDmabuf(a, length);
   if (dmabuf.ok()) {
-    ibv_mr* raw = ibv_reg_dmabuf_mr(pd_, dmabuf->offset, dmabuf->length, dmabuf->iova, dmabuf->fd, kRegAccess);
+    ibv_mr* raw =
+        ibv_reg_dmabuf_mr(pd_, dmabuf->offset, dmabuf->length, dmabuf->iova, dmabuf->fd, kRegAccess);
     const int err = errno;
     ::close(dmabuf->fd);  // the registration holds its own reference
     if (raw) return std::shared_ptr<ibv_mr>(raw, [](ibv_mr* m) { ibv_dereg_mr(m); });
@@ -1067,10 +1068,11 @@ Result<std::shared_ptr<ibv_mr>> VerbsBackend::RegisterCuda(void* addr, size_t le
   const int err = errno;
   char where[32];
   std::snprintf(where, sizeof(where), "%#llx", static_cast<unsigned long long>(a));
-  return Unavailable("verbs: cannot register " + std::to_string(length) + " bytes of CUDA memory at " + where +
-                     " on " + device_name_ + ": dma-buf path: " + dmabuf_why +
+  return Unavailable("verbs: cannot register " + std::to_string(length) + " bytes of CUDA memory at " +
+                     where + " on " + device_name_ + ": dma-buf path: " + dmabuf_why +
                      "; peer-memory path (ibv_reg_mr on the device pointer, needs the nvidia_peermem "
-                     "module): " + std::strerror(err));
+                     "module): " +
+                     std::strerror(err));
 }
 
 Result<MemoryRegion> VerbsBackend::RegisterMemory(void* addr, size_t length, MemoryKind kind) {
@@ -1179,29 +1181,17 @@ Status VerbsBackend::PostFailedOrRefuse(Conn* c, uint8_t type, uint64_t context)
 Status VerbsBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t local_offset,
                                const RemoteRegion& remote, uint64_t remote_offset, uint64_t length,
                                uint32_t imm, uint64_t context) {
-  if (!RangeInside(remote_offset, length, remote.length)) {
-    return OutOfRange("PostWrite: remote range [" + std::to_string(remote_offset) + ", +" +
-                      std::to_string(length) + ") is outside remote region key " +
-                      std::to_string(remote.key) + " of " + std::to_string(remote.length) + " bytes");
-  }
-  if (length > kVerbsMaxWriteBytes) {
-    return InvalidArgument("PostWrite of " + std::to_string(length) + " bytes exceeds max_write_bytes " +
-                           std::to_string(kVerbsMaxWriteBytes));
-  }
+  ZW_RETURN_IF_ERROR(internal::CheckRemoteRange("PostWrite", remote, remote_offset, length));
+  ZW_RETURN_IF_ERROR(internal::CheckPostLength("PostWrite", length, kVerbsMaxWriteBytes));
   Touch();
   std::lock_guard lk(mu_);
   if (closed_) return Cancelled("verbs backend closed");
   auto reg = regions_.find(local.key);
-  if (reg == regions_.end() || reg->second.region.addr != local.addr ||
-      reg->second.region.length != local.length) {
-    return InvalidArgument("PostWrite: local region key " + std::to_string(local.key) +
-                           " is not a live registration of this backend");
-  }
-  if (!RangeInside(local_offset, length, local.length)) {
-    return OutOfRange("PostWrite: local range [" + std::to_string(local_offset) + ", +" +
-                      std::to_string(length) + ") is outside local region key " + std::to_string(local.key) +
-                      " of " + std::to_string(local.length) + " bytes");
-  }
+  ZW_RETURN_IF_ERROR(internal::CheckLocalRange("PostWrite", local,
+                                               reg != regions_.end() &&
+                                                   reg->second.region.addr == local.addr &&
+                                                   reg->second.region.length == local.length,
+                                               local_offset, length));
   ZW_ASSIGN_OR_RETURN(Conn * c, PeerLocked(peer));
   if (!c->open) return PostFailedOrRefuse(c, kMeta, context);
   std::unique_ptr<Op> op = NewOpLocked();
@@ -1228,29 +1218,17 @@ Status VerbsBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t 
 Status VerbsBackend::PostRead(PeerId peer, const MemoryRegion& local, uint64_t local_offset,
                               const RemoteRegion& remote, uint64_t remote_offset, uint64_t length,
                               uint64_t context) {
-  if (!RangeInside(remote_offset, length, remote.length)) {
-    return OutOfRange("PostRead: remote range [" + std::to_string(remote_offset) + ", +" +
-                      std::to_string(length) + ") is outside remote region key " + std::to_string(remote.key) +
-                      " of " + std::to_string(remote.length) + " bytes");
-  }
-  if (length > kVerbsMaxWriteBytes) {
-    return InvalidArgument("PostRead of " + std::to_string(length) + " bytes exceeds " +
-                           std::to_string(kVerbsMaxWriteBytes));
-  }
+  ZW_RETURN_IF_ERROR(internal::CheckRemoteRange("PostRead", remote, remote_offset, length));
+  ZW_RETURN_IF_ERROR(internal::CheckPostLength("PostRead", length, kVerbsMaxWriteBytes));
   Touch();
   std::lock_guard lk(mu_);
   if (closed_) return Cancelled("verbs backend closed");
   auto reg = regions_.find(local.key);
-  if (reg == regions_.end() || reg->second.region.addr != local.addr ||
-      reg->second.region.length != local.length) {
-    return InvalidArgument("PostRead: local region key " + std::to_string(local.key) +
-                           " is not a live registration of this backend");
-  }
-  if (!RangeInside(local_offset, length, local.length)) {
-    return OutOfRange("PostRead: local range [" + std::to_string(local_offset) + ", +" + std::to_string(length) +
-                      ") is outside local region key " + std::to_string(local.key) + " of " +
-                      std::to_string(local.length) + " bytes");
-  }
+  ZW_RETURN_IF_ERROR(internal::CheckLocalRange("PostRead", local,
+                                               reg != regions_.end() &&
+                                                   reg->second.region.addr == local.addr &&
+                                                   reg->second.region.length == local.length,
+                                               local_offset, length));
   ZW_ASSIGN_OR_RETURN(Conn * c, PeerLocked(peer));
   if (!c->open) return PostFailedOrRefuse(c, kRead, context);
   std::unique_ptr<Op> op = NewOpLocked();
@@ -1354,7 +1332,7 @@ std::unique_ptr<Op> VerbsBackend::NewOpLocked() {
 void VerbsBackend::PopOpLocked(Conn* c) {
   std::unique_ptr<Op> op = std::move(c->data_q.front());
   c->data_q.pop_front();
-  if (op_pool_.size() >= 1024) return;  // bounded: a burst does not pin memory forever
+  if (op_pool_.size() >= 1024) return;                    // bounded: a burst does not pin memory forever
   std::vector<uint8_t> payload = std::move(op->payload);  // keeps its capacity
   payload.clear();
   *op = Op{};
@@ -1418,8 +1396,8 @@ void VerbsBackend::PumpLocked(Conn* c) {
             c, op,
             OutOfRange(
                 c->Name() + " refused the " + (op.type == kRead ? "read" : "write") + " of " +
-                std::to_string(op.length) + " bytes at offset " +
-                std::to_string(op.remote_offset) + " of region key " + std::to_string(op.key) + ": " +
+                std::to_string(op.length) + " bytes at offset " + std::to_string(op.remote_offset) +
+                " of region key " + std::to_string(op.key) + ": " +
                 (dead ? "the key is not registered there"
                       : "the range is outside its registration (" + std::to_string(ri.length) + " bytes)")));
         PopOpLocked(c);
@@ -1992,8 +1970,8 @@ void VerbsBackend::HelperLoop() {
     }
     for (auto& p : fds) p.revents = 0;
     const size_t first_conn = fds.size() - watched.size();
-    const int wait_ms = static_cast<int>(std::max<int64_t>(
-        1, std::chrono::duration_cast<std::chrono::milliseconds>(check_every).count()));
+    const int wait_ms = static_cast<int>(
+        std::max<int64_t>(1, std::chrono::duration_cast<std::chrono::milliseconds>(check_every).count()));
     ::poll(fds.data(), fds.size(), std::min(std::max(idle_ms, wait_ms), 100));
     if (stop_.load()) break;
     if (fds[0].revents & POLLIN) {
