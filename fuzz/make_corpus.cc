@@ -22,6 +22,7 @@
 
 #include "kernels/codec.h"
 #include "ps/protocol.h"
+#include "transport/backend_util.h"
 #include "transport/bootstrap_wire.h"
 
 namespace zipwire::fuzz {
@@ -247,17 +248,16 @@ void BootstrapCorpus() {
 // naming region key 1, the fuzzer's one registration.
 Bytes TcpFrame(uint8_t type, uint8_t code, uint32_t imm, uint64_t ack, uint64_t key, uint64_t offset,
                uint64_t length) {
-  Bytes h(40, 0);
-  auto le = [&](size_t at, uint64_t v, int n) {
-    for (int i = 0; i < n; ++i) h[at + i] = static_cast<uint8_t>(v >> (8 * i));
-  };
-  h[0] = type;
-  h[1] = code;
-  le(4, imm, 4);
-  le(8, ack, 8);
-  le(16, key, 8);
-  le(24, offset, 8);
-  le(32, length, 8);
+  Bytes h(transport::internal::kMessageHeaderBytes, 0);
+  transport::internal::MessageHeader m;
+  m.type = type;
+  m.code = code;
+  m.imm = imm;
+  m.ack = ack;
+  m.key = key;
+  m.offset = offset;
+  m.length = length;
+  transport::internal::EncodeHeader(m, h.data());
   return h;
 }
 

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "fuzz/fuzz_check.h"
+#include "transport/backend_util.h"
 #include "transport/tcp_backend.h"
 
 namespace zt = zipwire::transport;
@@ -68,10 +69,6 @@ State& Get() {
   return *s;
 }
 
-void Le(uint8_t* p, uint64_t v, int n) {
-  for (int i = 0; i < n; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-
 // Drives the backend and drains what it sends us until `done` or the bound.
 template <typename F>
 bool PumpUntil(State& s, int fd, F&& done, std::chrono::milliseconds bound) {
@@ -103,11 +100,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   sa.sin_port = htons(s.port);
   sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   ZW_FUZZ_CHECK(::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0, "connect");
-  std::vector<uint8_t> stream(40, 0);
-  stream[0] = 1;  // HELLO
-  Le(&stream[4], rank, 4);
-  Le(&stream[16], kHelloMagic, 8);
-  Le(&stream[24], 1, 8);
+  std::vector<uint8_t> stream(zt::internal::kMessageHeaderBytes, 0);
+  zt::internal::MessageHeader hello;
+  hello.type = 1;  // HELLO
+  hello.imm = rank;
+  hello.key = kHelloMagic;
+  hello.offset = 1;  // wire version
+  zt::internal::EncodeHeader(hello, stream.data());
   stream.insert(stream.end(), data, data + size);
   bool connected = false, ended = false;
   auto observe = [&](const zt::Completion& c) {

@@ -26,6 +26,46 @@ T GetLE(const uint8_t* p) {
   return v;
 }
 
+// The 40-byte little-endian header in front of every tcp frame and verbs
+// message (each backend gives `type` and `code` its own meanings):
+//   [0] type, [1] code, [2,4) reserved, [4,8) imm, [8,16) ack, [16,24) key,
+//   [24,32) offset, [32,40) length.
+struct MessageHeader {
+  uint8_t type = 0;
+  uint8_t code = 0;
+  uint16_t reserved = 0;
+  uint32_t imm = 0;
+  uint64_t ack = 0;
+  uint64_t key = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+};
+inline constexpr size_t kMessageHeaderBytes = 40;
+
+inline void EncodeHeader(const MessageHeader& h, uint8_t* out) {
+  out[0] = h.type;
+  out[1] = h.code;
+  PutLE<uint16_t>(out + 2, h.reserved);
+  PutLE<uint32_t>(out + 4, h.imm);
+  PutLE<uint64_t>(out + 8, h.ack);
+  PutLE<uint64_t>(out + 16, h.key);
+  PutLE<uint64_t>(out + 24, h.offset);
+  PutLE<uint64_t>(out + 32, h.length);
+}
+
+inline MessageHeader DecodeHeader(const uint8_t* in) {
+  MessageHeader h;
+  h.type = in[0];
+  h.code = in[1];
+  h.reserved = GetLE<uint16_t>(in + 2);
+  h.imm = GetLE<uint32_t>(in + 4);
+  h.ack = GetLE<uint64_t>(in + 8);
+  h.key = GetLE<uint64_t>(in + 16);
+  h.offset = GetLE<uint64_t>(in + 24);
+  h.length = GetLE<uint64_t>(in + 32);
+  return h;
+}
+
 // [offset, offset + length) inside [0, size), without overflow.
 inline bool RangeInside(uint64_t offset, uint64_t length, uint64_t size) {
   return offset <= size && length <= size - offset;

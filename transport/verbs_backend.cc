@@ -106,7 +106,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-constexpr size_t kHeaderBytes = 40;
+constexpr size_t kHeaderBytes = internal::kMessageHeaderBytes;
 constexpr size_t kSlotBytes = 16448;  // header + kVerbsMaxControlBytes, 64-byte multiple
 static_assert(kSlotBytes >= kHeaderBytes + kVerbsMaxControlBytes);
 constexpr uint32_t kRecvDepth = 256;   // receive buffers per peer (QP 0)
@@ -142,38 +142,9 @@ enum NackCode : uint8_t { kNackUnknownKey = 1, kNackOutOfRange = 2 };
 using internal::GetLE;
 using internal::PutLE;
 
-struct Header {
-  uint8_t type = 0;
-  uint8_t code = 0;
-  uint32_t imm = 0;
-  uint64_t ack = 0;
-  uint64_t key = 0;
-  uint64_t offset = 0;
-  uint64_t length = 0;
-};
-
-void EncodeHeader(const Header& h, uint8_t* out) {
-  out[0] = h.type;
-  out[1] = h.code;
-  PutLE<uint16_t>(out + 2, 0);
-  PutLE<uint32_t>(out + 4, h.imm);
-  PutLE<uint64_t>(out + 8, h.ack);
-  PutLE<uint64_t>(out + 16, h.key);
-  PutLE<uint64_t>(out + 24, h.offset);
-  PutLE<uint64_t>(out + 32, h.length);
-}
-
-Header DecodeHeader(const uint8_t* in) {
-  Header h;
-  h.type = in[0];
-  h.code = in[1];
-  h.imm = GetLE<uint32_t>(in + 4);
-  h.ack = GetLE<uint64_t>(in + 8);
-  h.key = GetLE<uint64_t>(in + 16);
-  h.offset = GetLE<uint64_t>(in + 24);
-  h.length = GetLE<uint64_t>(in + 32);
-  return h;
-}
+using Header = internal::MessageHeader;
+using internal::DecodeHeader;
+using internal::EncodeHeader;
 
 using internal::RangeInside;
 
