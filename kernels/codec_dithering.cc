@@ -1,38 +1,69 @@
 // The "dithering" codec (QSGD, Alistarh et al. 2017; natural dithering,
 // Horvath et al. 2019): each element becomes norm * sign(x) * level, the level
 // stochastically rounded between its two neighbouring levels so that
-// E[decode] = x.
+// E[decode] = x (up to the 2^-16 resolution of the draws, below).
 //
-// Spec: dithering:s=S[,levels=linear|natural][,norm=l2|max]; defaults s=16,
-// linear, l2. linear: levels l/s, l = 0..s, S in [1, 65535]. natural: levels 0
-// and 2^(l-s), l = 1..s (powers of two down to 2^(1-s)), S in [1, 32].
+// Spec: dithering:s=S[,levels=linear|natural][,norm=l2|max][,bucket=B];
+// defaults s=16, linear, l2, bucket=8192. linear: levels l/s, l = 0..s, S in
+// [1, 65535]. natural: levels 0 and 2^(l-s), l = 1..s (powers of two down to
+// 2^(1-s)), S in [1, 32].
 //
-// Quantisation of element j (r = |x_j| / norm, in [0, 1]):
+// Buckets (QSGD's bucketing, as in the paper and its implementations): the
+// chunk is cut into buckets of B consecutive elements (the last one may be
+// shorter), each quantised against its own norm. B is a power of two in
+// [128, 8192], or 0 for one norm over the whole chunk. Why 8192 by default:
+// error feedback then needs ONE pass over memory (a bucket's x and residual,
+// 64 KiB, stay in L2 between its norm and its quantisation, where one norm per
+// chunk needs the whole tensor read twice), 8192 is the canonical_sum segment
+// (the GPU's one-warp-per-segment reduction yields a bucket's norm directly),
+// and the norms cost 4 bytes per 8192 codes (< 0.1% at s=16). Smaller buckets
+// are more accurate (a bucket's norm is nearer its elements) and cost more
+// norm bytes.
+//
+// Quantisation of element j against its bucket's norm (r = |x_j| / norm, in
+// [0, 1]):
 //   linear:  a = |x_j| * (s / norm) (float), l = floor(a) + (u_j < a - floor(a));
 //   natural: r = |x_j| * (1 / norm); for r >= 2^(1-s), with r = (1 + f) * 2^e,
 //            l = s + e + (u_j < f); below, l = (u_j < r * 2^(s-1)) (0 or 1);
-// clamped to s, u_j = PhiloxUniform(draw j) of the stream (seed, tensor,
-// chunk, step, kDithering). Level 0 always has sign 0.
+// clamped to s. Level 0 always has sign 0. The draw u_j = h_j * 2^-16 where
+// h_j is the 16-bit halfword j of the little-endian u32 stream (seed, tensor,
+// chunk, step, kDithering) of kernels/philox.h: h_j = (U32(j / 2) >> (16 *
+// (j % 2))) & 0xffff, so one Philox4x32 block serves 8 elements. The rounding
+// probability is thereby resolved to 2^-16: an element rounds up with
+// probability ceil(p * 2^16) / 2^16 for a fractional part p, a bias below
+// 2^-16 of one level step per element (negligible against the quantisation
+// noise, and it halves the generator's cost, which matches the memory traffic).
 //
 // Wire format: header (codec kDithering, param_bytes 0,
-// param_word = s | natural << 16 | max_norm << 17, other bits zero,
-// payload_bytes = 4 + ceil(n * w / 8), w = ceil(log2(s + 1)) + 1), then
-//   norm: binary32, finite, >= +0 (l2: (float)sqrt(sum), the sum of squares
-//         in double in the canonical order of kernels/canonical_sum.h, shared
-//         with the CUDA encoder; max: max |x|);
+// param_word = s | natural << 16 | max_norm << 17 | log2(B) << 18 (0 for one
+// norm per chunk; bits 23.. zero), payload_bytes = 4 * m + ceil(n * w / 8),
+// m = ceil(n / B) norms (m = 1 for one norm per chunk, even when n = 0),
+// w = ceil(log2(s + 1)) + 1), then
+//   norms: m binary32, each finite and >= +0; norm k is of elements
+//         [k*B, min(n, (k+1)*B)) (l2: (float)sqrt(sum), the sum of squares in
+//         double in the canonical order of kernels/canonical_sum.h applied to
+//         the bucket alone, shared with the CUDA encoder; max: max |x|);
 //   codes: n codes of w bits, code = level << 1 | sign, element j at bits
 //          [j*w, (j+1)*w) of the little-endian bit stream; padding bits 0.
 // Decode: linear level l -> l * (norm / s) (float), natural -> norm * 2^(l-s);
 // negated when the sign bit is set. Codes with level > s, or level 0 with the
-// sign set, are kCorrupt.
+// sign set, are kCorrupt, as are a bad norm, a bucket field other than 0 or
+// 7..13, or any other set bit of the parameter word. Buffers of the unbucketed
+// format before buckets existed are exactly the B = 0 form (they still decode);
+// decoders before buckets refuse bucketed buffers (unknown parameter bits).
 //
 // Non-finite input (or an L2 norm beyond FLT_MAX) cannot be quantised against
 // a norm: Compress fails with kInvalidArgument and ErrorBoundL2 is infinite.
+// Error feedback then leaves the residual holding input + residual: buckets
+// from the rejected one on get e + x; the buckets quantised before it get
+// their new residual plus their decoded values back, e' + decode, which is
+// y = x + e up to one float rounding.
 //
-// ErrorBoundL2: each nonzero element lands on one of the two levels around it:
-// linear errs by at most norm/s per nonzero element; natural by at most
-// max(|x_j|, norm * 2^(1-s)) (the gap below a level 2^-t is 2^-(t+1) <= r);
-// with slack for the float arithmetic. Zero elements decode exactly to 0.
+// ErrorBoundL2, per bucket against its norm: each nonzero element lands on one
+// of the two levels around it: linear errs by at most norm/s per nonzero
+// element; natural by at most max(|x_j|, norm * 2^(1-s)) (the gap below a
+// level 2^-t is 2^-(t+1) <= r); with slack for the float arithmetic. Zero
+// elements decode exactly to 0.
 #include <algorithm>
 #include <array>
 #include <bit>
@@ -52,20 +83,35 @@ namespace {
 
 constexpr uint32_t kNaturalBit = 1u << 16;
 constexpr uint32_t kMaxNormBit = 1u << 17;
-constexpr size_t kBlock = 1024;  // elements quantised per batch of draws
+constexpr uint32_t kBucketShift = 18;  // log2(B) in bits [18, 23); 0: one norm per chunk
+constexpr uint32_t kMinBucketLog2 = 7;
+constexpr uint32_t kMaxBucketLog2 = 13;  // 8192 = kCanonicalSegment
+constexpr size_t kBlock = 1024;          // elements quantised per batch of draws
+static_assert(kBlock % (size_t{1} << kMinBucketLog2) == 0 &&
+              (size_t{1} << kMaxBucketLog2) == kCanonicalSegment);
 
 struct Config {
   uint32_t s = 16;
   bool natural = false;
   bool max_norm = false;
+  uint32_t bucket_log2 = kMaxBucketLog2;  // 0: one norm per chunk
 
-  uint32_t word() const { return s | (natural ? kNaturalBit : 0u) | (max_norm ? kMaxNormBit : 0u); }
+  uint32_t word() const {
+    return s | (natural ? kNaturalBit : 0u) | (max_norm ? kMaxNormBit : 0u) | bucket_log2 << kBucketShift;
+  }
   uint32_t bits() const { return static_cast<uint32_t>(std::bit_width(s)) + 1; }  // ceil(log2(s+1)) + 1
+  // Elements per bucket for a chunk of n (the whole chunk when unbucketed).
+  size_t bucket(size_t n) const { return bucket_log2 == 0 ? n : size_t{1} << bucket_log2; }
+  // Norms on the wire for a chunk of n.
+  size_t norms(size_t n) const {
+    if (bucket_log2 == 0) return 1;
+    return (n >> bucket_log2) + ((n & ((size_t{1} << bucket_log2) - 1)) != 0 ? 1 : 0);
+  }
 };
 
-size_t PayloadFor(size_t n, uint32_t w) {
+size_t PayloadFor(size_t n, uint32_t w, size_t norms) {
   const size_t bits = internal::SatMul(n, w);
-  return internal::SatAdd(4, bits / 8 + (bits % 8 != 0 ? 1 : 0));
+  return internal::SatAdd(internal::SatMul(4, norms), bits / 8 + (bits % 8 != 0 ? 1 : 0));
 }
 
 // The norm of a chunk from its max |x| bits or its canonical sum of squares,
@@ -86,12 +132,17 @@ uint32_t MaxAbsBits(const float* x, size_t n) {
   return m;
 }
 
-Result<float> NormOf(std::span<const float> x, bool max_norm) {
-  if (max_norm) return NormFromMax(MaxAbsBits(x.data(), x.size()));
-  return NormFromSquares(CanonicalSquareSumOf(x.data(), x.size()));
+Result<float> NormOf(const float* x, size_t n, bool max_norm, CpuIsa isa) {
+  if (max_norm) return NormFromMax(MaxAbsBits(x, n));
+  return NormFromSquares(CanonicalSquareSumOf(x, n, isa));
 }
 
-// Codes of x[0..len) into codes[], draws u[] (len of them).
+// The draw of element i of a batch whose draws start at word u[0] (the batch
+// starts at an even element): halfword i of the little-endian words.
+inline uint32_t Draw16(const uint32_t* u, size_t i) { return (u[i >> 1] >> ((i & 1) << 4)) & 0xffffu; }
+inline float Uniform16(uint32_t h) { return static_cast<float>(static_cast<int32_t>(h)) * 0x1p-16f; }
+
+// Codes of x[0..len) into codes[], draws in the halfwords of u[] (len of them).
 void Quantise(const Config& c, float norm, const float* x, const uint32_t* u, size_t len, uint32_t* codes) {
   if (norm == 0.0f) {
     std::fill(codes, codes + len, 0u);
@@ -106,7 +157,7 @@ void Quantise(const Config& c, float norm, const float* x, const uint32_t* u, si
       // int32 conversions (s <= 65535) so the loop vectorises.
       const int32_t fl = static_cast<int32_t>(std::min(a, static_cast<float>(s)));
       const float p = a - static_cast<float>(fl);
-      const uint32_t l = std::min(static_cast<uint32_t>(fl) + (PhiloxUniform(u[i]) < p ? 1u : 0u), s);
+      const uint32_t l = std::min(static_cast<uint32_t>(fl) + (Uniform16(Draw16(u, i)) < p ? 1u : 0u), s);
       codes[i] = l == 0 ? 0u : (l << 1 | xb >> 31);
     }
   } else {
@@ -119,7 +170,7 @@ void Quantise(const Config& c, float norm, const float* x, const uint32_t* u, si
       const uint32_t rb = std::bit_cast<uint32_t>(r);
       const int32_t e = static_cast<int32_t>(rb >> 23) - 127;
       const float f = static_cast<float>(rb & 0x7fffffu) * 0x1p-23f;
-      const float uf = PhiloxUniform(u[i]);
+      const float uf = Uniform16(Draw16(u, i));
       uint32_t l;
       if (e >= min_exp) {
         l = static_cast<uint32_t>(static_cast<int32_t>(s) + e) + (uf < f ? 1u : 0u);
@@ -143,7 +194,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) size_t QuantiseLin
   const __m512 s_f = _mm512_set1_ps(static_cast<float>(s));
   const __m512i s_i = _mm512_set1_epi32(static_cast<int>(s));
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
-  const __m512 two_m24 = _mm512_set1_ps(0x1p-24f);
+  const __m512 two_m16 = _mm512_set1_ps(0x1p-16f);
   const __m512i one = _mm512_set1_epi32(1);
   size_t i = 0;
   for (; i + 16 <= len; i += 16) {
@@ -151,8 +202,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) size_t QuantiseLin
     const __m512 a = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(xb, abs_mask)), mult);
     const __m512i fl = _mm512_cvttps_epi32(_mm512_min_ps(s_f, a));
     const __m512 p = _mm512_sub_ps(a, _mm512_cvtepi32_ps(fl));
-    const __m512 uf =
-        _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_loadu_si512(u + i), 8)), two_m24);
+    const __m512 uf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(
+                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + i / 2)))),
+                                    two_m16);
     const __mmask16 up = _mm512_cmp_ps_mask(uf, p, _CMP_LT_OQ);
     const __m512i l = _mm512_min_epu32(_mm512_mask_add_epi32(fl, up, fl, one), s_i);
     const __m512i code = _mm512_or_si512(_mm512_slli_epi32(l, 1), _mm512_srli_epi32(xb, 31));
@@ -172,7 +224,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) size_t FeedLinearA
   const __m512i s_i = _mm512_set1_epi32(static_cast<int>(s));
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(0x80000000u));
-  const __m512 two_m24 = _mm512_set1_ps(0x1p-24f);
+  const __m512 two_m16 = _mm512_set1_ps(0x1p-16f);
   const __m512i one = _mm512_set1_epi32(1);
   size_t i = 0;
   for (; i + 16 <= len; i += 16) {
@@ -181,8 +233,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) size_t FeedLinearA
     const __m512 a = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(yb, abs_mask)), mult);
     const __m512i fl = _mm512_cvttps_epi32(_mm512_min_ps(s_f, a));
     const __m512 p = _mm512_sub_ps(a, _mm512_cvtepi32_ps(fl));
-    const __m512 uf =
-        _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_loadu_si512(u + i), 8)), two_m24);
+    const __m512 uf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(
+                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + i / 2)))),
+                                    two_m16);
     const __mmask16 up = _mm512_cmp_ps_mask(uf, p, _CMP_LT_OQ);
     const __m512i l = _mm512_min_epu32(_mm512_mask_add_epi32(fl, up, fl, one), s_i);
     const __mmask16 nonzero = _mm512_test_epi32_mask(l, l);
@@ -250,13 +303,50 @@ constexpr std::array<Pack32Fn, sizeof...(W)> Pack32Table(std::integer_sequence<u
 // kPack32[w] for w in [0, 18); bits() is 2 .. 17.
 constexpr auto kPack32 = Pack32Table(std::make_integer_sequence<uint32_t, 18>());
 
+#if defined(__x86_64__)
+// Codes of w <= 8 bits, sixteen at a time: narrowed to bytes, and each 8 of
+// them gathered by one pext into exactly w bytes of the stream (so a group
+// starting at a byte boundary ends on one). Returns the codes done (a
+// multiple of 16). Writes only inside the 2w bytes per 16 codes it does.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2"))) size_t PackBytesAvx512(
+    const uint32_t* codes, size_t len, uint32_t w, uint8_t* out) {
+  const uint64_t mask = 0x0101010101010101ull * ((uint64_t{1} << w) - 1);
+  size_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m128i b = _mm512_cvtepi32_epi8(_mm512_loadu_si512(codes + i));
+    const uint64_t p0 = _pext_u64(static_cast<uint64_t>(_mm_cvtsi128_si64(b)), mask);
+    const uint64_t p1 = _pext_u64(static_cast<uint64_t>(_mm_extract_epi64(b, 1)), mask);
+    if (w >= 3 && i + 32 <= len) {
+      // Whole 8-byte stores: the bytes past this group's 2w are zeros that
+      // the next group (2w >= 8 - w bytes of it) overwrites.
+      std::memcpy(out, &p0, 8);
+      std::memcpy(out + w, &p1, 8);
+    } else {
+      std::memcpy(out, &p0, w);
+      std::memcpy(out + w, &p1, w);
+    }
+    out += 2 * w;
+  }
+  return i;
+}
+#endif
+
 // Little-endian bit stream of w-bit codes.
 class BitWriter {
  public:
-  BitWriter(uint8_t* out, uint32_t w) : p_(out), w_(w) {}
+  BitWriter(uint8_t* out, uint32_t w, CpuIsa isa)
+      : p_(out), w_(w), bytes_(isa == CpuIsa::kAvx512 && w <= 8) {}
   // Put, faster when the stream is word-aligned: whole groups of 32 codes
-  // are exactly w words.
+  // are exactly w words (and groups of 8 exactly w bytes).
   void PutBlock(const uint32_t* codes, size_t len) {
+#if defined(__x86_64__)
+    if (bits_ == 0 && bytes_) {
+      const size_t i = PackBytesAvx512(codes, len, w_, p_);
+      p_ += i / 8 * w_;
+      codes += i;
+      len -= i;
+    }
+#endif
     if (bits_ == 0) {
       const Pack32Fn pack = kPack32[w_];
       size_t i = 0;
@@ -292,6 +382,7 @@ class BitWriter {
  private:
   uint8_t* p_;
   uint32_t w_;
+  bool bytes_;  // PackBytesAvx512 applies
   uint64_t acc_ = 0;
   uint32_t bits_ = 0;
 };
@@ -333,39 +424,49 @@ class DitheringCodec final : public Codec {
 
   CodecId id() const override { return CodecId::kDithering; }
   std::string name() const override {
-    return "dithering:levels=" + std::string(c_.natural ? "natural" : "linear") +
+    const size_t b = c_.bucket_log2 == 0 ? 0 : size_t{1} << c_.bucket_log2;
+    return "dithering:bucket=" + std::to_string(b) + ",levels=" + (c_.natural ? "natural" : "linear") +
            ",norm=" + (c_.max_norm ? "max" : "l2") + ",s=" + std::to_string(c_.s);
   }
 
   size_t MaxCompressedBytes(size_t elements) const override {
-    return internal::SatAdd(WireHeader::kBytes, PayloadFor(elements, c_.bits()));
+    return internal::SatAdd(WireHeader::kBytes, PayloadFor(elements, c_.bits(), c_.norms(elements)));
   }
 
+  // One pass: a bucket at a time, its norm (reading x from memory), then its
+  // codes from x again, now in cache.
   Result<size_t> Compress(std::span<const float> input, std::span<uint8_t> out,
                           const CodecContext& ctx) const override {
     ZW_RETURN_IF_ERROR(internal::CheckOutputSize(*this, input.size(), out.size()));
     const size_t n = input.size();
-    ZW_ASSIGN_OR_RETURN(float norm, NormOf(input, c_.max_norm));
-    const size_t payload = WriteHead(n, norm, out);
-    uint8_t* p = out.data() + WireHeader::kBytes;
+    const float* x = input.data();
+    const size_t payload = WriteHeader(n, out);
+    uint8_t* norms = out.data() + WireHeader::kBytes;
+    const size_t m = c_.norms(n), bucket = c_.bucket(n);
     const PhiloxStream stream(ctx.seed, ctx.tensor_id, ctx.chunk_index, ctx.step, PhiloxPurpose::kDithering);
-    BitWriter writer(p + 4, c_.bits());
     const CpuIsa isa = ActiveIsa();
-    uint32_t u[kBlock], codes[kBlock];
-    for (size_t base = 0; base < n; base += kBlock) {
-      const size_t len = std::min(kBlock, n - base);
-      stream.Fill(base / 4, (len + 3) / 4, u);  // base is a multiple of 4
-      QuantiseBlock(norm, input.data() + base, u, len, codes, isa);
-      writer.PutBlock(codes, len);
+    BitWriter writer(norms + 4 * m, c_.bits(), isa);
+    uint32_t u[kBlock / 2], codes[kBlock];
+    for (size_t k = 0; k < m; ++k) {
+      const size_t b0 = k * bucket, end = std::min(n, b0 + bucket);
+      ZW_ASSIGN_OR_RETURN(const float norm, NormOf(x + b0, end - b0, c_.max_norm, isa));
+      internal::StoreF32(norms + 4 * k, norm);
+      for (size_t base = b0; base < end; base += kBlock) {
+        const size_t len = std::min(kBlock, end - base);
+        stream.Fill(base / 8, (len + 7) / 8, u);  // base is a multiple of 128
+        QuantiseBlock(norm, x + base, u, len, codes, isa);
+        writer.PutBlock(codes, len);
+      }
     }
     writer.Finish();
     return WireHeader::kBytes + payload;
   }
 
-  // Two passes instead of three: the norm of y = x + e (y is not stored, so
-  // rejected input leaves the residual as it was), then, a block at a time in
-  // cache, y again, its codes, and e' = y + -(decode of the code), exactly as
-  // DecompressAccumulate(-1) would compute it.
+  // One pass over memory (bucketed): per bucket, the norm of y = x + e (y is
+  // not stored), then, a block at a time with x and e still in L2, y again,
+  // its codes, and e' = y + -(decode of the code), exactly as
+  // DecompressAccumulate(-1) would compute it. Unbucketed (B = 0) the same
+  // code reads the whole chunk twice.
   Result<size_t> CompressWithFeedback(std::span<const float> input, std::span<float> residual,
                                       FeedbackState& state, std::span<uint8_t> out,
                                       const CodecContext& ctx) const override {
@@ -378,54 +479,66 @@ class DitheringCodec final : public Codec {
     const size_t n = input.size();
     const float* x = input.data();
     float* e = residual.data();
-    float y[kBlock];
-    float norm;
     const CpuIsa isa = ActiveIsa();
-    {
-      uint32_t max_bits = 0;
-      double sum = 0.0;
-      if (c_.max_norm) {
-        for (size_t i = 0; i < n; ++i)
-          max_bits = std::max(max_bits, std::bit_cast<uint32_t>(e[i] + x[i]) & 0x7fffffffu);
-      } else {
-        sum = CanonicalSquareSumOfSum(e, x, n, isa);
-      }
-      ZW_ASSIGN_OR_RETURN(norm, c_.max_norm ? NormFromMax(max_bits) : NormFromSquares(sum));
-    }
-    const size_t payload = WriteHead(n, norm, out);
-    uint8_t* p = out.data() + WireHeader::kBytes;
+    const size_t payload = WriteHeader(n, out);
+    uint8_t* norms = out.data() + WireHeader::kBytes;
+    const size_t m = c_.norms(n), bucket = c_.bucket(n);
     const PhiloxStream stream(ctx.seed, ctx.tensor_id, ctx.chunk_index, ctx.step, PhiloxPurpose::kDithering);
-    BitWriter writer(p + 4, c_.bits());
-    const Levels levels(c_, norm);
-    uint32_t u[kBlock], codes[kBlock];
-    for (size_t base = 0; base < n; base += kBlock) {
-      const size_t len = std::min(kBlock, n - base);
-      // The block's draws are compute-bound and its loads memory-bound: ask
-      // for the next block's input and residual now, so they arrive meanwhile.
-      for (size_t i = base + kBlock; i < std::min(n, base + 2 * kBlock); i += 16) {
-        __builtin_prefetch(x + i);
-        __builtin_prefetch(e + i, 1);
+    BitWriter writer(norms + 4 * m, c_.bits(), isa);
+    float y[kBlock];
+    uint32_t u[kBlock / 2], codes[kBlock];
+    for (size_t k = 0; k < m; ++k) {
+      const size_t b0 = k * bucket, end = std::min(n, b0 + bucket);
+      float norm;
+      {
+        Result<float> r = 0.0f;
+        if (c_.max_norm) {
+          uint32_t max_bits = 0;
+          for (size_t i = b0; i < end; ++i)
+            max_bits = std::max(max_bits, std::bit_cast<uint32_t>(e[i] + x[i]) & 0x7fffffffu);
+          r = NormFromMax(max_bits);
+        } else {
+          r = NormFromSquares(CanonicalSquareSumOfSum(e + b0, x + b0, end - b0, isa));
+        }
+        if (!r.ok()) {
+          RestoreAfterReject(x, e, n, k, norms);
+          return r.status();
+        }
+        norm = *r;
       }
-      stream.Fill(base / 4, (len + 3) / 4, u);
-      size_t done = 0;
+      internal::StoreF32(norms + 4 * k, norm);
+      const Levels levels(c_, norm);
+      for (size_t base = b0; base < end; base += kBlock) {
+        const size_t len = std::min(kBlock, end - base);
+        if (bucket > kCanonicalSegment) {
+          // Unbucketed: the block comes from memory again; ask for the next
+          // block's input and residual now, so they arrive during the draws.
+          for (size_t i = base + kBlock; i < std::min(end, base + 2 * kBlock); i += 16) {
+            __builtin_prefetch(x + i);
+            __builtin_prefetch(e + i, 1);
+          }
+        }
+        stream.Fill(base / 8, (len + 7) / 8, u);
+        size_t done = 0;
 #if defined(__x86_64__)
-      if (isa == CpuIsa::kAvx512 && !c_.natural && norm != 0.0f) {
-        done = FeedLinearAvx512(c_.s, norm, x + base, e + base, u, len, codes);
-      }
+        if (isa == CpuIsa::kAvx512 && !c_.natural && norm != 0.0f) {
+          done = FeedLinearAvx512(c_.s, norm, x + base, e + base, u, len, codes);
+        }
 #endif
-      // The rest (all of it off the AVX-512 linear path): y, codes, then e.
-      for (size_t i = done; i < len; ++i) y[i] = e[base + i] + x[base + i];
-      QuantiseBlock(norm, y + done, u + done, len - done, codes + done, isa);
-      writer.PutBlock(codes, len);
-      if (c_.natural) {
-        for (size_t i = done; i < len; ++i) e[base + i] = y[i] + -levels.Value(codes[i]);
-      } else {
-        // Levels::Value's linear branch, written out so that it vectorises.
-        const float step = levels.step();
-        for (size_t i = done; i < len; ++i) {
-          const float mag = static_cast<float>(static_cast<int32_t>(codes[i] >> 1)) * step;
-          const float val = std::bit_cast<float>(std::bit_cast<uint32_t>(mag) | (codes[i] & 1u) << 31);
-          e[base + i] = y[i] + -val;
+        // The rest (all of it off the AVX-512 linear path): y, codes, then e.
+        for (size_t i = done; i < len; ++i) y[i] = e[base + i] + x[base + i];
+        QuantiseBlock(norm, y + done, u + done / 2, len - done, codes + done, isa);
+        writer.PutBlock(codes, len);
+        if (c_.natural) {
+          for (size_t i = done; i < len; ++i) e[base + i] = y[i] + -levels.Value(codes[i]);
+        } else {
+          // Levels::Value's linear branch, written out so that it vectorises.
+          const float step = levels.step();
+          for (size_t i = done; i < len; ++i) {
+            const float mag = static_cast<float>(static_cast<int32_t>(codes[i] >> 1)) * step;
+            const float val = std::bit_cast<float>(std::bit_cast<uint32_t>(mag) | (codes[i] & 1u) << 31);
+            e[base + i] = y[i] + -val;
+          }
         }
       }
     }
@@ -443,21 +556,25 @@ class DitheringCodec final : public Codec {
   }
 
   double ErrorBoundL2(std::span<const float> input) const override {
-    auto norm = NormOf(input, c_.max_norm);
-    if (!norm.ok()) return std::numeric_limits<double>::infinity();
-    const double nd = *norm;
+    const size_t n = input.size(), m = c_.norms(n), bucket = c_.bucket(n);
     double sum = 0.0;
-    if (!c_.natural) {
-      size_t nonzero = 0;
-      for (float x : input) nonzero += x != 0.0f ? 1 : 0;
-      const double step = nd / c_.s * (1.0 + c_.s * 0x1p-21 + 1e-6);
-      sum = static_cast<double>(nonzero) * step * step;
-    } else {
-      const double floor_gap = std::ldexp(nd, 1 - static_cast<int>(c_.s));
-      for (float x : input) {
-        if (x == 0.0f) continue;
-        const double e = std::max(std::fabs(static_cast<double>(x)), floor_gap) * (1.0 + 1e-6);
-        sum += e * e;
+    for (size_t k = 0; k < m; ++k) {
+      const size_t b0 = k * bucket, end = std::min(n, b0 + bucket);
+      auto norm = NormOf(input.data() + b0, end - b0, c_.max_norm, ActiveIsa());
+      if (!norm.ok()) return std::numeric_limits<double>::infinity();
+      const double nd = *norm;
+      if (!c_.natural) {
+        size_t nonzero = 0;
+        for (size_t i = b0; i < end; ++i) nonzero += input[i] != 0.0f ? 1 : 0;
+        const double step = nd / c_.s * (1.0 + c_.s * 0x1p-21 + 1e-6);
+        sum += static_cast<double>(nonzero) * step * step;
+      } else {
+        const double floor_gap = std::ldexp(nd, 1 - static_cast<int>(c_.s));
+        for (size_t i = b0; i < end; ++i) {
+          if (input[i] == 0.0f) continue;
+          const double err = std::max(std::fabs(static_cast<double>(input[i])), floor_gap) * (1.0 + 1e-6);
+          sum += err * err;
+        }
       }
     }
     return std::sqrt(sum) * (1.0 + 1e-9) + 1e-30;
@@ -473,20 +590,42 @@ class DitheringCodec final : public Codec {
       done = QuantiseLinearAvx512(c_.s, norm, x, u, len, codes);
 #endif
     (void)isa;
-    Quantise(c_, norm, x + done, u + done, len - done, codes + done);
+    Quantise(c_, norm, x + done, u + done / 2, len - done, codes + done);
   }
 
-  // Header and norm; returns the payload size.
-  size_t WriteHead(size_t n, float norm, std::span<uint8_t> out) const {
-    const size_t payload = PayloadFor(n, c_.bits());
+  // The header; returns the payload size.
+  size_t WriteHeader(size_t n, std::span<uint8_t> out) const {
+    const size_t payload = PayloadFor(n, c_.bits(), c_.norms(n));
     WireHeader h;
     h.codec = CodecId::kDithering;
     h.elements = n;
     h.payload_bytes = payload;
     h.param_word = c_.word();
     EncodeHeader(h, out.first<WireHeader::kBytes>());
-    internal::StoreF32(out.data() + WireHeader::kBytes, norm);
     return payload;
+  }
+
+  // Error feedback rejected bucket `bad` (non-finite y): leave the residual
+  // holding y = x + e everywhere, as the other codecs do on error. Buckets
+  // before it already hold e' = y - decode, whose codes are in the payload:
+  // they get decode added back (y up to one rounding); the rest get x added.
+  void RestoreAfterReject(const float* x, float* e, size_t n, size_t bad, const uint8_t* norms) const {
+    const size_t bucket = c_.bucket(n), m = c_.norms(n);
+    const size_t done = bad * bucket;  // bucket * w bits is whole words: the writer flushed them
+    const uint32_t w = c_.bits();
+    const uint8_t* codes = norms + 4 * m;
+    for (size_t k = 0; k < bad; ++k) {
+      const Levels levels(c_, internal::LoadF32(norms + 4 * k));
+      for (size_t j = k * bucket; j < (k + 1) * bucket; ++j) {
+        uint64_t v = 0;
+        const size_t bit = j * w;
+        for (size_t b = 0; b < 4 && bit / 8 + b < (done * w + 7) / 8; ++b) {
+          v |= static_cast<uint64_t>(codes[bit / 8 + b]) << (8 * b);
+        }
+        e[j] = e[j] + levels.Value(static_cast<uint32_t>((v >> (bit % 8)) & ((uint64_t{1} << w) - 1)));
+      }
+    }
+    for (size_t i = done; i < n; ++i) e[i] = e[i] + x[i];
   }
 
   template <bool kAccumulate>
@@ -498,22 +637,30 @@ class DitheringCodec final : public Codec {
     c.s = h.param_word & 0xffffu;
     c.natural = (h.param_word & kNaturalBit) != 0;
     c.max_norm = (h.param_word & kMaxNormBit) != 0;
-    if ((h.param_word >> 18) != 0 || c.s == 0 || (c.natural && c.s > 32)) {
+    c.bucket_log2 = (h.param_word >> kBucketShift) & 0x1fu;
+    if ((h.param_word >> (kBucketShift + 5)) != 0 || c.s == 0 || (c.natural && c.s > 32) ||
+        (c.bucket_log2 != 0 && (c.bucket_log2 < kMinBucketLog2 || c.bucket_log2 > kMaxBucketLog2))) {
       return Corrupt("dithering: bad parameter word " + std::to_string(h.param_word));
     }
     const uint32_t w = c.bits();
-    if (h.payload_bytes != PayloadFor(n, w)) {
+    const size_t m = c.norms(n), bucket = c.bucket(n);
+    if (h.payload_bytes != PayloadFor(n, w, m)) {
       return Corrupt("dithering: payload is " + std::to_string(h.payload_bytes) + " bytes, " +
-                     std::to_string(n) + " codes of " + std::to_string(w) + " bits need " +
-                     std::to_string(PayloadFor(n, w)));
+                     std::to_string(m) + " norms and " + std::to_string(n) + " codes of " +
+                     std::to_string(w) + " bits need " + std::to_string(PayloadFor(n, w, m)));
     }
     const uint8_t* p = in.data() + WireHeader::kBytes;
-    const float norm = internal::LoadF32(p);
-    if (!(norm >= 0.0f && norm <= FLT_MAX) || std::signbit(norm)) {
-      return Corrupt("dithering: norm is not a finite non-negative number");
+    {
+      bool bad = false;
+      for (size_t k = 0; k < m; ++k) {
+        const uint32_t bits = internal::LoadLe32(p + 4 * k);
+        bad |= bits >= 0x7f800000u;  // negative (sign set, -0 included), infinite or NaN
+      }
+      if (bad) return Corrupt("dithering: a norm is not a finite non-negative number");
     }
-    const size_t stream_bytes = h.payload_bytes - 4;
-    const CodeReader code(p + 4, stream_bytes, w);
+    const size_t stream_bytes = h.payload_bytes - 4 * m;
+    const uint8_t* stream = p + 4 * m;
+    const CodeReader code(stream, stream_bytes, w);
     {
       // Validate every code (and the padding) before touching the output.
       uint32_t bad = 0;
@@ -524,18 +671,21 @@ class DitheringCodec final : public Codec {
       }
       if (bad != 0) return Corrupt("dithering: a code has a level above s or a signed zero");
       const size_t used = internal::SatMul(n, w);
-      if (used % 8 != 0 && (p[4 + stream_bytes - 1] >> (used % 8)) != 0) {
+      if (used % 8 != 0 && (stream[stream_bytes - 1] >> (used % 8)) != 0) {
         return Corrupt("dithering: padding bits are set");
       }
     }
-    const Levels levels(c, norm);
     float* dst = out.data();
-    for (size_t j = 0; j < n; ++j) {
-      const float val = levels.Value(code(j));
-      if constexpr (kAccumulate) {
-        dst[j] += alpha * val;
-      } else {
-        dst[j] = val;
+    for (size_t k = 0; k < m; ++k) {
+      const size_t b0 = k * bucket, end = std::min(n, b0 + bucket);
+      const Levels levels(c, internal::LoadF32(p + 4 * k));
+      for (size_t j = b0; j < end; ++j) {
+        const float val = levels.Value(code(j));
+        if constexpr (kAccumulate) {
+          dst[j] += alpha * val;
+        } else {
+          dst[j] = val;
+        }
       }
     }
     return Status::Ok();
@@ -548,7 +698,7 @@ class DitheringCodec final : public Codec {
 
 namespace internal {
 Result<std::unique_ptr<Codec>> MakeDitheringCodec(const CodecSpec& spec) {
-  ZW_RETURN_IF_ERROR(CheckKeys(spec, {"s", "levels", "norm"}));
+  ZW_RETURN_IF_ERROR(CheckKeys(spec, {"s", "levels", "norm", "bucket"}));
   Config c;
   if (auto it = spec.params.find("levels"); it != spec.params.end()) {
     if (it->second != "linear" && it->second != "natural") {
@@ -564,6 +714,13 @@ Result<std::unique_ptr<Codec>> MakeDitheringCodec(const CodecSpec& spec) {
   }
   ZW_ASSIGN_OR_RETURN(uint64_t s, ParseUint(spec, "s", 16, 1, c.natural ? 32 : 65535));
   c.s = static_cast<uint32_t>(s);
+  ZW_ASSIGN_OR_RETURN(uint64_t bucket, ParseUint(spec, "bucket", kCanonicalSegment, 0, kCanonicalSegment));
+  if (bucket != 0 && (!std::has_single_bit(bucket) || bucket < (uint64_t{1} << kMinBucketLog2))) {
+    return InvalidArgument(
+        "dithering: bucket must be 0 (one norm per chunk) or a power of two in [128, 8192], got " +
+        std::to_string(bucket));
+  }
+  c.bucket_log2 = bucket == 0 ? 0 : static_cast<uint32_t>(std::countr_zero(bucket));
   return std::unique_ptr<Codec>(std::make_unique<DitheringCodec>(c));
 }
 }  // namespace internal

@@ -185,9 +185,23 @@ TEST(CanonicalSumTest, CodecsUseTheCanonicalSums) {
   EXPECT_EQ(internal::LoadF32(onebit.data() + WireHeader::kBytes),
             static_cast<float>(abs_sum / static_cast<double>(finite)));
   const double sq = PlainSum(y, true, &finite);
-  const auto dith = testing::Encode(*testing::MustCreate("dithering:s=16"), y);
+  const auto dith = testing::Encode(*testing::MustCreate("dithering:s=16,bucket=0"), y);
   ASSERT_FALSE(dith.empty());
   EXPECT_EQ(internal::LoadF32(dith.data() + WireHeader::kBytes), static_cast<float>(std::sqrt(sq)));
+  // Bucketed, each bucket's norm is the canonical sum of that bucket alone
+  // (for B = 8192, segment k's total).
+  for (size_t bucket : {size_t{8192}, size_t{128}, size_t{1024}}) {
+    const auto b = testing::Encode(*testing::MustCreate("dithering:s=16,bucket=" + std::to_string(bucket)), y);
+    ASSERT_FALSE(b.empty());
+    const size_t m = (y.size() + bucket - 1) / bucket;
+    for (size_t k = 0; k < m; ++k) {
+      const std::vector<float> part(y.begin() + static_cast<ptrdiff_t>(k * bucket),
+                                    y.begin() + static_cast<ptrdiff_t>(std::min(y.size(), (k + 1) * bucket)));
+      EXPECT_EQ(internal::LoadF32(b.data() + WireHeader::kBytes + 4 * k),
+                static_cast<float>(std::sqrt(PlainSum(part, true, &finite))))
+          << "bucket " << bucket << " k " << k;
+    }
+  }
 }
 
 // Restores the active ISA when a test ends.

@@ -49,6 +49,9 @@ inline const std::vector<std::string>& BuiltinCodecs() {
                                                   "randomk:0.25",
                                                   "dithering:s=16",
                                                   "dithering:levels=natural,norm=max,s=4",
+                                                  "dithering:bucket=0,s=16",
+                                                  "dithering:bucket=128,levels=natural,s=8",
+                                                  "dithering:bucket=256,norm=max,s=300",
                                                   "terngrad",
                                                   "countsketch:c=2048,k=16,r=5"};
   return kNames;
