@@ -510,10 +510,13 @@ class DitheringCodec final : public Codec {
       const Levels levels(c_, norm);
       for (size_t base = b0; base < end; base += kBlock) {
         const size_t len = std::min(kBlock, end - base);
-        if (bucket > kCanonicalSegment) {
-          // Unbucketed: the block comes from memory again; ask for the next
-          // block's input and residual now, so they arrive during the draws.
-          for (size_t i = base + kBlock; i < std::min(end, base + 2 * kBlock); i += 16) {
+        // The draws are compute-bound and the loads memory-bound: ask now for
+        // what is read next from memory, so it arrives meanwhile. Bucketed,
+        // that is this block's counterpart in the next bucket (whose norm is
+        // summed next); unbucketed, the next block (read again from memory).
+        {
+          const size_t ahead = bucket <= kCanonicalSegment ? bucket : kBlock;
+          for (size_t i = base + ahead; i < std::min(n, base + ahead + len); i += 16) {
             __builtin_prefetch(x + i);
             __builtin_prefetch(e + i, 1);
           }

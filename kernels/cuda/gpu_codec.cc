@@ -2,6 +2,7 @@
 // same specs) and the host-side argument checks in front of the launches.
 #include "kernels/cuda/gpu_codec.h"
 
+#include <bit>
 #include <cstdint>
 #include <string>
 
@@ -42,6 +43,9 @@ Result<std::unique_ptr<GpuCodec>> GpuCodec::Create(const std::string& spec_text)
       c->s = static_cast<uint32_t>(s);
       c->natural = spec.params["levels"] == "natural";
       c->max_norm = spec.params["norm"] == "max";
+      // The CPU codec above has validated it: 0 or a power of two in [128, 8192].
+      ZW_ASSIGN_OR_RETURN(uint64_t bucket, internal::ParseUint(spec, "bucket", 8192, 0, 8192));
+      c->bucket_log2 = bucket == 0 ? 0 : static_cast<uint32_t>(std::countr_zero(bucket));
       break;
     }
     case CodecId::kCountSketch: {
@@ -86,8 +90,10 @@ Status CheckEncodeArgs(const GpuCodec& codec, const float* x, size_t n, const ui
                            " bytes is smaller than the " + std::to_string(need) + " bytes needed for " +
                            std::to_string(n) + " elements");
   }
-  if ((n > 0 && x == nullptr) || out == nullptr) return InvalidArgument(codec.name() + ": null device pointer");
-  if (!Aligned(x) || !Aligned(out)) return InvalidArgument(codec.name() + ": device pointers must be 16-byte aligned");
+  if ((n > 0 && x == nullptr) || out == nullptr)
+    return InvalidArgument(codec.name() + ": null device pointer");
+  if (!Aligned(x) || !Aligned(out))
+    return InvalidArgument(codec.name() + ": device pointers must be 16-byte aligned");
   return Status::Ok();
 }
 
@@ -109,8 +115,8 @@ Status GpuCodec::CompressWithFeedback(const float* d_input, float* d_residual, s
   return LaunchCompress(*config_, d_input, d_residual, n, d_out, out_capacity, ctx, ws.impl(), stream);
 }
 
-Status GpuCodec::Decompress(const uint8_t* d_in, size_t in_bytes, float* d_out, size_t n, GpuCodecWorkspace& ws,
-                            GpuStream stream) const {
+Status GpuCodec::Decompress(const uint8_t* d_in, size_t in_bytes, float* d_out, size_t n,
+                            GpuCodecWorkspace& ws, GpuStream stream) const {
   ZW_RETURN_IF_ERROR(CheckCommon(*this, n, ws, "decompress"));
   if ((in_bytes > 0 && d_in == nullptr) || (n > 0 && d_out == nullptr) || !Aligned(d_in) || !Aligned(d_out)) {
     return InvalidArgument(name() + ": device pointers must be non-null and 16-byte aligned");
@@ -118,10 +124,11 @@ Status GpuCodec::Decompress(const uint8_t* d_in, size_t in_bytes, float* d_out, 
   return LaunchDecode(*config_, d_in, in_bytes, d_out, n, false, 1.0f, ws.impl(), stream);
 }
 
-Status GpuCodec::DecompressAccumulate(const uint8_t* d_in, size_t in_bytes, float* d_accum, size_t n, float alpha,
-                                      GpuCodecWorkspace& ws, GpuStream stream) const {
+Status GpuCodec::DecompressAccumulate(const uint8_t* d_in, size_t in_bytes, float* d_accum, size_t n,
+                                      float alpha, GpuCodecWorkspace& ws, GpuStream stream) const {
   ZW_RETURN_IF_ERROR(CheckCommon(*this, n, ws, "decompress"));
-  if ((in_bytes > 0 && d_in == nullptr) || (n > 0 && d_accum == nullptr) || !Aligned(d_in) || !Aligned(d_accum)) {
+  if ((in_bytes > 0 && d_in == nullptr) || (n > 0 && d_accum == nullptr) || !Aligned(d_in) ||
+      !Aligned(d_accum)) {
     return InvalidArgument(name() + ": device pointers must be non-null and 16-byte aligned");
   }
   return LaunchDecode(*config_, d_in, in_bytes, d_accum, n, true, alpha, ws.impl(), stream);

@@ -15,6 +15,11 @@
 // Error feedback is two passes: pass 1 reads x and r, writes y = x + r into r
 // and reduces; pass 2, in reverse block order so that the tail of y written
 // last is still in L2, quantises y and writes r = y - decode(y).
+//
+// Bucketed dithering (bucket = B <= 8192, codec_dithering.cc) replaces the
+// grid-wide reduction by one warp per bucket: lane l sums elements l, l+32, ...
+// of the bucket in double and the warp tree combines them, the canonical order
+// of the bucket alone, so the norm needs no combining pass.
 #include <algorithm>
 #include <cfloat>
 #include <cstring>
@@ -45,7 +50,8 @@ Status GpuAvailable() {
   return Status::Ok();
 }
 
-Result<std::unique_ptr<GpuCodecWorkspace>> GpuCodecWorkspace::Create(size_t max_elements, const GpuCodec* codec) {
+Result<std::unique_ptr<GpuCodecWorkspace>> GpuCodecWorkspace::Create(size_t max_elements,
+                                                                     const GpuCodec* codec) {
   ZW_RETURN_IF_ERROR(GpuAvailable());
   auto impl = std::make_unique<Impl>();
   impl->max_elements = max_elements;
@@ -53,8 +59,8 @@ Result<std::unique_ptr<GpuCodecWorkspace>> GpuCodecWorkspace::Create(size_t max_
   if (codec != nullptr) {
     bytes = codec->ScratchBytes(max_elements);
   } else {
-    for (const char* spec : {"onebit", "topk:0.01", "topk_sampled:0.01", "randomk:0.01", "countsketch",
-                             "dithering"}) {
+    for (const char* spec :
+         {"onebit", "topk:0.01", "topk_sampled:0.01", "randomk:0.01", "countsketch", "dithering"}) {
       auto c = GpuCodec::Create(spec);
       if (!c.ok()) return c.status();
       bytes = std::max(bytes, (*c)->ScratchBytes(max_elements));
@@ -90,7 +96,8 @@ Status GpuCodecWorkspace::LastStatus() const {
     case kErrNormOverflow:
       return InvalidArgument("gpu codec: dithering: the L2 norm overflows float");
     case kErrSketchOverflow:
-      return InvalidArgument("gpu codec: countsketch: input has a NaN or infinity, or a counter overflows float");
+      return InvalidArgument(
+          "gpu codec: countsketch: input has a NaN or infinity, or a counter overflows float");
     case kErrBadHeader:
       return Corrupt("gpu codec: malformed header (magic, version, reserved bytes or sizes)");
     case kErrWrongCodec:
@@ -126,7 +133,8 @@ __global__ void WriteBlobKernel(HeaderBlob blob, uint8_t* out, DeviceState* st) 
   if (threadIdx.x == 0) st->encoded_bytes = blob.total;
 }
 
-Status WriteHeaderBlob(const WireHeader& h, uint64_t total, uint8_t* out, DeviceState* st, cudaStream_t stream) {
+Status WriteHeaderBlob(const WireHeader& h, uint64_t total, uint8_t* out, DeviceState* st,
+                       cudaStream_t stream) {
   uint8_t bytes[WireHeader::kBytes];
   EncodeHeader(h, std::span<uint8_t, WireHeader::kBytes>(bytes, WireHeader::kBytes));
   return WriteBlob(bytes, sizeof(bytes), total, out, st, stream);
@@ -273,14 +281,16 @@ __global__ void ValidateSimpleKernel(const uint8_t* in, unsigned long long in_by
 }
 
 template <bool kBf16, bool kAcc>
-__global__ void HalfDecodeKernel(const uint8_t* payload, float* out, size_t n, float alpha, const DeviceState* st) {
+__global__ void HalfDecodeKernel(const uint8_t* payload, float* out, size_t n, float alpha,
+                                 const DeviceState* st) {
   if (st->error != 0) return;
   const size_t quads = n / 4;
   const size_t stride = size_t{gridDim.x} * blockDim.x;
   for (size_t q = size_t{blockIdx.x} * blockDim.x + threadIdx.x; q < quads; q += stride) {
     const uint2 w = reinterpret_cast<const uint2*>(payload)[q];
-    float4 v = make_float4(FromHalf<kBf16>(static_cast<uint16_t>(w.x)), FromHalf<kBf16>(static_cast<uint16_t>(w.x >> 16)),
-                           FromHalf<kBf16>(static_cast<uint16_t>(w.y)), FromHalf<kBf16>(static_cast<uint16_t>(w.y >> 16)));
+    float4 v = make_float4(
+        FromHalf<kBf16>(static_cast<uint16_t>(w.x)), FromHalf<kBf16>(static_cast<uint16_t>(w.x >> 16)),
+        FromHalf<kBf16>(static_cast<uint16_t>(w.y)), FromHalf<kBf16>(static_cast<uint16_t>(w.y >> 16)));
     if constexpr (kAcc) {
       const float4 a = reinterpret_cast<float4*>(out)[q];
       v = make_float4(__fadd_rn(a.x, __fmul_rn(alpha, v.x)), __fadd_rn(a.y, __fmul_rn(alpha, v.y)),
@@ -433,7 +443,9 @@ __device__ inline size_t ReversedBlock() { return size_t{gridDim.x} - 1 - blockI
 constexpr size_t kWordBits = 32;
 size_t OnebitPayload(size_t n) { return 4 + 4 * ((n + kWordBits - 1) / kWordBits); }
 
-__device__ inline float SignFlip(float v, uint32_t bit) { return __uint_as_float(__float_as_uint(v) ^ (bit << 31)); }
+__device__ inline float SignFlip(float v, uint32_t bit) {
+  return __uint_as_float(__float_as_uint(v) ^ (bit << 31));
+}
 
 // r = y + (-1 * scale) with y's sign: DecompressAccumulate(alpha = -1) of onebit.
 __global__ void OnebitResidualKernel(float* r, size_t n, const DeviceState* st) {
@@ -470,7 +482,8 @@ __global__ void OnebitValidateKernel(const uint8_t* in, unsigned long long in_by
 }
 
 template <bool kAcc>
-__global__ void OnebitDecodeKernel(const uint8_t* in, float* out, size_t n, float alpha, const DeviceState* st) {
+__global__ void OnebitDecodeKernel(const uint8_t* in, float* out, size_t n, float alpha,
+                                   const DeviceState* st) {
   if (st->error != 0) return;
   const float scale = __uint_as_float(LoadLe32Dev(in + 32));
   const float v = kAcc ? __fmul_rn(alpha, scale) : scale;
@@ -480,8 +493,8 @@ __global__ void OnebitDecodeKernel(const uint8_t* in, float* out, size_t n, floa
   for (size_t q = size_t{blockIdx.x} * blockDim.x + threadIdx.x; q < quads; q += stride) {
     const uint32_t word = words[q / 8] >> (4 * (q % 8));
     if (q * 4 + 3 < n) {
-      float4 d = make_float4(SignFlip(v, word & 1u), SignFlip(v, (word >> 1) & 1u), SignFlip(v, (word >> 2) & 1u),
-                             SignFlip(v, (word >> 3) & 1u));
+      float4 d = make_float4(SignFlip(v, word & 1u), SignFlip(v, (word >> 1) & 1u),
+                             SignFlip(v, (word >> 2) & 1u), SignFlip(v, (word >> 3) & 1u));
       if constexpr (kAcc) {
         const float4 a = reinterpret_cast<float4*>(out)[q];
         d = make_float4(__fadd_rn(a.x, d.x), __fadd_rn(a.y, d.y), __fadd_rn(a.z, d.z), __fadd_rn(a.w, d.w));
@@ -502,7 +515,8 @@ size_t TerngradPayload(size_t n) { return 4 + (n + 3) / 4; }
 
 // Thread w encodes elements [16w, 16w + 16) into code word w (bytes 4w..4w+3).
 template <bool kEf>
-__global__ void TerngradEncodeKernel(float* y_or_x, size_t n, uint8_t* codes, DevPhilox ph, const DeviceState* st) {
+__global__ void TerngradEncodeKernel(float* y_or_x, size_t n, uint8_t* codes, DevPhilox ph,
+                                     const DeviceState* st) {
   if (st->error != 0) return;
   const size_t w = ReversedBlock() * blockDim.x + threadIdx.x;
   const size_t first = w * 16;
@@ -540,7 +554,8 @@ __global__ void TerngradEncodeKernel(float* y_or_x, size_t n, uint8_t* codes, De
     if constexpr (kEf) {
 #pragma unroll
       for (int k = 0; k < 4; ++k)
-        reinterpret_cast<float4*>(y_or_x + first)[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+        reinterpret_cast<float4*>(y_or_x + first)[k] =
+            make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
     }
   } else {
     const size_t bytes = (len + 3) / 4;
@@ -576,7 +591,8 @@ __global__ void TerngradCodesKernel(const uint8_t* codes, size_t bytes, DeviceSt
 }
 
 template <bool kAcc>
-__global__ void TerngradDecodeKernel(const uint8_t* in, float* out, size_t n, float alpha, const DeviceState* st) {
+__global__ void TerngradDecodeKernel(const uint8_t* in, float* out, size_t n, float alpha,
+                                     const DeviceState* st) {
   if (st->error != 0) return;
   const float scale = __uint_as_float(LoadLe32Dev(in + 32));
   const uint32_t vb = __float_as_uint(kAcc ? __fmul_rn(alpha, scale) : scale);
@@ -598,17 +614,78 @@ __global__ void TerngradDecodeKernel(const uint8_t* in, float* out, size_t n, fl
 
 constexpr uint32_t kNaturalBit = 1u << 16;
 constexpr uint32_t kMaxNormBit = 1u << 17;
+constexpr uint32_t kBucketShift = 18;  // log2(B) in bits [18, 23); 0: one norm per chunk
 
 uint32_t DitherBits(uint32_t s) { return static_cast<uint32_t>(32 - __builtin_clz(s)) + 1; }
-size_t DitherPayload(size_t n, uint32_t w) {
+__host__ __device__ inline size_t DitherNorms(size_t n, uint32_t bucket_log2) {
+  if (bucket_log2 == 0) return 1;
+  return (n >> bucket_log2) + ((n & ((size_t{1} << bucket_log2) - 1)) != 0 ? 1 : 0);
+}
+size_t DitherPayload(size_t n, uint32_t w, size_t norms) {
   const size_t bits = n * w;
-  return 4 + bits / 8 + (bits % 8 != 0 ? 1 : 0);
+  return 4 * norms + bits / 8 + (bits % 8 != 0 ? 1 : 0);
+}
+
+// Bucketed: warp k of the grid computes the norm of bucket k (elements
+// [k*B, min(n, (k+1)*B)), B <= 8192): lane l sums the squares of elements
+// k*B + l, k*B + l + 32, ... in increasing order in double, then the warp tree
+// (the canonical order of the bucket alone, as CanonicalSquareSumOfSum on the
+// CPU), or the max |y|; it writes norm k into the payload, or the error. Under
+// error feedback it also writes y = x + r into r (so on error r holds y).
+template <bool kMax, bool kEf>
+__global__ void __launch_bounds__(kThreads)
+    DitherBucketNormKernel(const float* x, float* r, size_t n, uint32_t bucket_log2, float* norms,
+                           DeviceState* st) {
+  const unsigned lane = threadIdx.x & 31;
+  const size_t k = size_t{blockIdx.x} * (kThreads / 32) + threadIdx.x / 32;
+  const size_t b0 = k << bucket_log2;
+  if (b0 >= n) return;  // k is the same for the whole warp
+  const size_t end = min(n, b0 + (size_t{1} << bucket_log2));
+  double acc = 0.0;
+  uint32_t max_bits = 0;
+  for (size_t i = b0 + lane; i < end; i += 32) {
+    float v = x[i];
+    if constexpr (kEf) {
+      v = __fadd_rn(r[i], v);
+      r[i] = v;
+    }
+    if constexpr (kMax) {
+      max_bits = max(max_bits, __float_as_uint(v) & 0x7fffffffu);
+    } else {
+      const double d = static_cast<double>(v);
+      acc = __dadd_rn(acc, __dmul_rn(d, d));
+    }
+  }
+  uint32_t error = kGpuOk;
+  float norm = 0.0f;
+  if constexpr (kMax) {
+    max_bits = __reduce_max_sync(0xffffffffu, max_bits);
+    if (max_bits >= 0x7f800000u) error = kErrNonFiniteInput;
+    norm = __uint_as_float(max_bits);
+  } else {
+    acc = CanonicalWarpTree(acc);
+    if (!isfinite(acc)) {
+      error = kErrNonFiniteInput;
+    } else {
+      norm = __double2float_rn(__dsqrt_rn(acc));
+      if (!(norm <= FLT_MAX)) error = kErrNormOverflow;
+    }
+  }
+  if (lane != 0) return;
+  if (error != kGpuOk) {
+    SetError(st, error);
+    st->encoded_bytes = 0;
+  } else {
+    norms[k] = norm;
+  }
 }
 
 struct DitherArgs {
   float* y;  // x, or y in r under error feedback (updated to the residual)
   size_t n;
   uint8_t* codes;
+  const float* norms;  // bucketed: the payload's norms; null: st->scalar
+  uint32_t bucket_log2;
   uint32_t s;
   uint32_t w;
   DevPhilox ph;
@@ -617,40 +694,48 @@ struct DitherArgs {
 
 __device__ inline float NaturalLevel(float norm, uint32_t l, uint32_t s) {
   // std::ldexp(norm, l - s): one rounding (exact in double, then to float).
-  return l == 0 ? 0.0f : __double2float_rn(ldexp(static_cast<double>(norm), static_cast<int>(l) - static_cast<int>(s)));
+  return l == 0
+             ? 0.0f
+             : __double2float_rn(ldexp(static_cast<double>(norm), static_cast<int>(l) - static_cast<int>(s)));
 }
 
-// Thread t of a warp quantises elements 4t..4t+3 of the warp's 128; the codes
-// are OR-ed into the warp's 4w words in shared memory, then stored.
+// Thread t of a warp quantises elements 8t..8t+7 of the warp's 256 with the
+// eight 16-bit draws of one Philox block (element j's draw is halfword j % 8
+// of block j / 8: word (j % 8) / 2, the high half for odd j); the codes are
+// OR-ed into the warp's 8w words in shared memory, then stored. A thread's
+// eight elements share a bucket (B is a multiple of 128).
 template <bool kNatural, bool kEf>
 __global__ void __launch_bounds__(kThreads) DitherEncodeKernel(DitherArgs a) {
-  __shared__ uint32_t words[kThreads / 32][4 * 18];
+  __shared__ uint32_t words[kThreads / 32][8 * 18];
   if (a.st->error != 0) return;
   const unsigned lane = threadIdx.x & 31, warp = threadIdx.x / 32;
-  const size_t group = ReversedBlock() * (kThreads / 32) + warp;  // 128 elements each
-  const size_t first = group * 128 + 4 * lane;
+  const size_t group = ReversedBlock() * (kThreads / 32) + warp;  // 256 elements each
+  const size_t first = group * 256 + 8 * lane;
   const uint32_t s = a.s, w = a.w;
-  const float norm = a.st->scalar;
-  for (uint32_t i = lane; i < 4 * w; i += 32) words[warp][i] = 0;
+  for (uint32_t i = lane; i < 8 * w; i += 32) words[warp][i] = 0;
   __syncwarp();
-  float v[4] = {0.f, 0.f, 0.f, 0.f};
-  const bool full = first + 3 < a.n;
+  float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  const bool full = first + 7 < a.n;
   if (full) {
-    const float4 f = *reinterpret_cast<const float4*>(a.y + first);
-    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+    const float4 f0 = *reinterpret_cast<const float4*>(a.y + first);
+    const float4 f1 = *reinterpret_cast<const float4*>(a.y + first + 4);
+    v[0] = f0.x, v[1] = f0.y, v[2] = f0.z, v[3] = f0.w;
+    v[4] = f1.x, v[5] = f1.y, v[6] = f1.z, v[7] = f1.w;
   } else {
-    for (int j = 0; j < 4; ++j) v[j] = first + j < a.n ? a.y[first + j] : 0.0f;
+    for (int j = 0; j < 8; ++j) v[j] = first + j < a.n ? a.y[first + j] : 0.0f;
   }
   if (first < a.n) {
-    const uint4 u = PhiloxBlock(a.ph, first / 4);
+    const float norm = a.norms == nullptr ? a.st->scalar : a.norms[first >> a.bucket_log2];
+    const uint4 u = PhiloxBlock(a.ph, first / 8);
     const DitherQuant dq = MakeDitherQuant(s, kNatural, norm);
     const float step = __fdiv_rn(norm, static_cast<float>(s));
-    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
       if (first + j >= a.n) break;
-      const uint32_t l = DitherLevelOf(dq, v[j], DevUniform(Word(u, j)));
+      const uint32_t l = DitherLevelOf(dq, v[j], DevUniform16(Half(u, j)));
       const uint32_t xb = __float_as_uint(v[j]);
       const uint32_t code = l == 0 ? 0u : (l << 1 | xb >> 31);
-      const uint32_t bit = (4 * lane + j) * w;
+      const uint32_t bit = (8 * lane + j) * w;
       const uint32_t sh = bit & 31;
       atomicOr(&words[warp][bit >> 5], code << sh);
       if (sh + w > 32) atomicOr(&words[warp][(bit >> 5) + 1], code >> (32 - sh));
@@ -663,15 +748,16 @@ __global__ void __launch_bounds__(kThreads) DitherEncodeKernel(DitherArgs a) {
     if constexpr (kEf) {
       if (full) {
         *reinterpret_cast<float4*>(a.y + first) = make_float4(v[0], v[1], v[2], v[3]);
+        *reinterpret_cast<float4*>(a.y + first + 4) = make_float4(v[4], v[5], v[6], v[7]);
       } else {
-        for (int j = 0; j < 4 && first + j < a.n; ++j) a.y[first + j] = v[j];
+        for (int j = 0; j < 8 && first + j < a.n; ++j) a.y[first + j] = v[j];
       }
     }
   }
   __syncwarp();
   const size_t total_bytes = (a.n * w + 7) / 8;
-  for (uint32_t i = lane; i < 4 * w; i += 32) {
-    const size_t byte = (group * 4 * w + i) * 4;
+  for (uint32_t i = lane; i < 8 * w; i += 32) {
+    const size_t byte = (group * 8 * w + i) * 4;
     if (byte + 4 <= total_bytes) {
       reinterpret_cast<uint32_t*>(a.codes)[byte / 4] = words[warp][i];
     } else {
@@ -696,17 +782,21 @@ __global__ void DitherValidateKernel(const uint8_t* in, unsigned long long in_by
   uint32_t e = ParseHeaderDev(in, in_bytes, CodecId::kDithering, n, &h);
   const uint32_t s = h.param_word & 0xffffu;
   const bool natural = (h.param_word & kNaturalBit) != 0;
+  const uint32_t bucket_log2 = (h.param_word >> kBucketShift) & 0x1fu;
   if (e == kGpuOk && h.param_bytes != 0) e = kErrBadParams;
-  if (e == kGpuOk && ((h.param_word >> 18) != 0 || s == 0 || (natural && s > 32))) e = kErrBadParams;
+  if (e == kGpuOk && ((h.param_word >> (kBucketShift + 5)) != 0 || s == 0 || (natural && s > 32) ||
+                      (bucket_log2 != 0 && (bucket_log2 < 7 || bucket_log2 > 13)))) {
+    e = kErrBadParams;
+  }
   uint32_t w = 0;
   if (e == kGpuOk) {
     w = static_cast<uint32_t>(32 - __clz(s)) + 1;
     const unsigned long long bits = n * w;
-    if (h.payload_bytes != 4 + bits / 8 + (bits % 8 != 0 ? 1 : 0)) e = kErrBadPayload;
+    if (h.payload_bytes != 4 * DitherNorms(n, bucket_log2) + bits / 8 + (bits % 8 != 0 ? 1 : 0))
+      e = kErrBadPayload;
   }
   if (e == kGpuOk) {
-    const float norm = __uint_as_float(LoadLe32Dev(in + 32));
-    if (!(norm >= 0.0f && norm <= FLT_MAX) || signbit(norm)) e = kErrBadScalar;
+    // The norms are checked by DitherCodesKernel.
     const unsigned long long used = n * w;
     if (used % 8 != 0 && (in[32 + h.payload_bytes - 1] >> (used % 8)) != 0) e = kErrBadPayload;
   }
@@ -714,37 +804,49 @@ __global__ void DitherValidateKernel(const uint8_t* in, unsigned long long in_by
     SetError(st, e);
     return;
   }
-  st->rows = s;  // reused fields: s and the natural flag
-  st->cols = natural ? 1u : 0u;
+  st->rows = s;  // reused fields: s, and the natural flag | log2(B) << 1
+  st->cols = (natural ? 1u : 0u) | bucket_log2 << 1;
 }
 
+// Every norm finite and >= +0, every code's level <= s and no signed zero.
 __global__ void DitherCodesKernel(const uint8_t* in, size_t n, DeviceState* st) {
   if (st->error != 0) return;
   const uint32_t s = st->rows;
+  const uint32_t bucket_log2 = st->cols >> 1;
+  const size_t m = DitherNorms(n, bucket_log2);
   const uint32_t w = static_cast<uint32_t>(32 - __clz(s)) + 1;
   const size_t bytes = (n * w + 7) / 8;
   const uint32_t max_code = s << 1 | 1u;
-  uint32_t bad = 0;
+  const uint8_t* codes = in + 32 + 4 * m;
+  uint32_t bad = 0, bad_norm = 0;
   const size_t stride = size_t{gridDim.x} * blockDim.x;
+  for (size_t k = size_t{blockIdx.x} * blockDim.x + threadIdx.x; k < m; k += stride) {
+    bad_norm |= LoadLe32Dev(in + 32 + 4 * k) >= 0x7f800000u;  // sign set, infinite or NaN
+  }
   for (size_t j = size_t{blockIdx.x} * blockDim.x + threadIdx.x; j < n; j += stride) {
-    const uint32_t v = DitherCode(in + 36, bytes, j, w);
+    const uint32_t v = DitherCode(codes, bytes, j, w);
     bad |= (v > max_code) | (v == 1u);
   }
+  if (__syncthreads_or(bad_norm != 0) && threadIdx.x == 0) SetError(st, kErrBadScalar);
   if (__syncthreads_or(bad != 0) && threadIdx.x == 0) SetError(st, kErrBadPayload);
 }
 
 template <bool kAcc>
-__global__ void DitherDecodeKernel(const uint8_t* in, float* out, size_t n, float alpha, const DeviceState* st) {
+__global__ void DitherDecodeKernel(const uint8_t* in, float* out, size_t n, float alpha,
+                                   const DeviceState* st) {
   if (st->error != 0) return;
   const uint32_t s = st->rows;
-  const bool natural = st->cols != 0;
+  const bool natural = (st->cols & 1u) != 0;
+  const uint32_t bucket_log2 = st->cols >> 1;
+  const size_t m = DitherNorms(n, bucket_log2);
   const uint32_t w = static_cast<uint32_t>(32 - __clz(s)) + 1;
   const size_t bytes = (n * w + 7) / 8;
-  const float norm = __uint_as_float(LoadLe32Dev(in + 32));
-  const float step = __fdiv_rn(norm, static_cast<float>(s));
+  const uint8_t* codes = in + 32 + 4 * m;
   const size_t stride = size_t{gridDim.x} * blockDim.x;
   for (size_t j = size_t{blockIdx.x} * blockDim.x + threadIdx.x; j < n; j += stride) {
-    const uint32_t v = DitherCode(in + 36, bytes, j, w);
+    const float norm = __uint_as_float(LoadLe32Dev(in + 32 + 4 * (bucket_log2 == 0 ? 0 : j >> bucket_log2)));
+    const float step = __fdiv_rn(norm, static_cast<float>(s));
+    const uint32_t v = DitherCode(codes, bytes, j, w);
     const uint32_t l = v >> 1;
     const float mag = natural ? NaturalLevel(norm, l, s) : __fmul_rn(static_cast<float>(l), step);
     const float val = __uint_as_float(__float_as_uint(mag) | (v & 1u) << 31);
@@ -764,8 +866,9 @@ Status Begin(const Common& c) {
   return Status::Ok();
 }
 Status End(const Common& c) {
-  ZW_CUDA_RETURN(cudaMemcpyAsync(c.ws.h_state, c.ws.d_state, sizeof(DeviceState), cudaMemcpyDeviceToHost, c.stream),
-                 "result copy");
+  ZW_CUDA_RETURN(
+      cudaMemcpyAsync(c.ws.h_state, c.ws.d_state, sizeof(DeviceState), cudaMemcpyDeviceToHost, c.stream),
+      "result copy");
   return Status::Ok();
 }
 
@@ -796,7 +899,8 @@ Status CompressDense(const GpuCodec::Config& c, const float* x, float* residual,
   switch (c.id) {
     case CodecId::kFp16:
     case CodecId::kBf16: {
-      ZW_RETURN_IF_ERROR(WriteHeaderBlob(SimpleHeader(c.id, n, 2 * n), WireHeader::kBytes + 2 * n, out, st, stream));
+      ZW_RETURN_IF_ERROR(
+          WriteHeaderBlob(SimpleHeader(c.id, n, 2 * n), WireHeader::kBytes + 2 * n, out, st, stream));
       const unsigned grid = GridFor(n / 4);
       uint8_t* payload = out + WireHeader::kBytes;
       const bool bf = c.id == CodecId::kBf16;
@@ -809,7 +913,8 @@ Status CompressDense(const GpuCodec::Config& c, const float* x, float* residual,
     }
     case CodecId::kOnebit: {
       const size_t payload = OnebitPayload(n);
-      ZW_RETURN_IF_ERROR(WriteHeaderBlob(SimpleHeader(c.id, n, payload), WireHeader::kBytes + payload, out, st, stream));
+      ZW_RETURN_IF_ERROR(
+          WriteHeaderBlob(SimpleHeader(c.id, n, payload), WireHeader::kBytes + payload, out, st, stream));
       ReduceArgs a = MakeReduceArgs(x, residual, n, out, cm.ws);
       a.sign_words = reinterpret_cast<uint32_t*>(out + WireHeader::kBytes + 4);
       ZW_RETURN_IF_ERROR((LaunchReduce<kAbsSum, kFinalOnebit>(a, ef, stream)));
@@ -821,7 +926,8 @@ Status CompressDense(const GpuCodec::Config& c, const float* x, float* residual,
     }
     case CodecId::kTerngrad: {
       const size_t payload = TerngradPayload(n);
-      ZW_RETURN_IF_ERROR(WriteHeaderBlob(SimpleHeader(c.id, n, payload), WireHeader::kBytes + payload, out, st, stream));
+      ZW_RETURN_IF_ERROR(
+          WriteHeaderBlob(SimpleHeader(c.id, n, payload), WireHeader::kBytes + payload, out, st, stream));
       const ReduceArgs a = MakeReduceArgs(x, residual, n, out, cm.ws);
       ZW_RETURN_IF_ERROR((LaunchReduce<kMaxAbs, kFinalMax>(a, ef, stream)));
       if (n > 0) {
@@ -839,26 +945,49 @@ Status CompressDense(const GpuCodec::Config& c, const float* x, float* residual,
     }
     case CodecId::kDithering: {
       const uint32_t w = DitherBits(c.s);
-      const size_t payload = DitherPayload(n, w);
-      const uint32_t word = c.s | (c.natural ? kNaturalBit : 0u) | (c.max_norm ? kMaxNormBit : 0u);
-      ZW_RETURN_IF_ERROR(
-          WriteHeaderBlob(SimpleHeader(c.id, n, payload, word), WireHeader::kBytes + payload, out, st, stream));
-      const ReduceArgs a = MakeReduceArgs(x, residual, n, out, cm.ws);
-      if (c.max_norm) {
-        ZW_RETURN_IF_ERROR((LaunchReduce<kMaxAbs, kFinalMax>(a, ef, stream)));
-      } else {
-        ZW_RETURN_IF_ERROR((LaunchReduce<kSquares, kFinalDitherL2>(a, ef, stream)));
+      const size_t m = DitherNorms(n, c.bucket_log2);
+      const size_t payload = DitherPayload(n, w, m);
+      const uint32_t word = c.s | (c.natural ? kNaturalBit : 0u) | (c.max_norm ? kMaxNormBit : 0u) |
+                            c.bucket_log2 << kBucketShift;
+      ZW_RETURN_IF_ERROR(WriteHeaderBlob(SimpleHeader(c.id, n, payload, word), WireHeader::kBytes + payload,
+                                         out, st, stream));
+      float* norms = reinterpret_cast<float*>(out + WireHeader::kBytes);
+      if (c.bucket_log2 == 0) {
+        const ReduceArgs a = MakeReduceArgs(x, residual, n, out, cm.ws);
+        if (c.max_norm) {
+          ZW_RETURN_IF_ERROR((LaunchReduce<kMaxAbs, kFinalMax>(a, ef, stream)));
+        } else {
+          ZW_RETURN_IF_ERROR((LaunchReduce<kSquares, kFinalDitherL2>(a, ef, stream)));
+        }
+      } else if (m > 0) {
+        const unsigned grid = BlocksFor(m, kThreads / 32);
+        float* r = residual;
+        if (c.max_norm && ef)
+          DitherBucketNormKernel<true, true>
+              <<<grid, kThreads, 0, stream>>>(x, r, n, c.bucket_log2, norms, st);
+        if (c.max_norm && !ef)
+          DitherBucketNormKernel<true, false>
+              <<<grid, kThreads, 0, stream>>>(x, r, n, c.bucket_log2, norms, st);
+        if (!c.max_norm && ef)
+          DitherBucketNormKernel<false, true>
+              <<<grid, kThreads, 0, stream>>>(x, r, n, c.bucket_log2, norms, st);
+        if (!c.max_norm && !ef)
+          DitherBucketNormKernel<false, false>
+              <<<grid, kThreads, 0, stream>>>(x, r, n, c.bucket_log2, norms, st);
+        ZW_CUDA_LAUNCHED("dithering bucket norms");
       }
       if (n > 0) {
         DitherArgs d{};
         d.y = ef ? residual : const_cast<float*>(x);
         d.n = n;
-        d.codes = out + WireHeader::kBytes + 4;
+        d.codes = out + WireHeader::kBytes + 4 * m;
+        d.norms = c.bucket_log2 == 0 ? nullptr : norms;
+        d.bucket_log2 = c.bucket_log2;
         d.s = c.s;
         d.w = w;
         d.ph = MakePhilox(ctx.seed, ctx.tensor_id, ctx.chunk_index, ctx.step, 1);
         d.st = st;
-        const unsigned grid = BlocksFor((n + 127) / 128, kThreads / 32);
+        const unsigned grid = BlocksFor((n + 255) / 256, kThreads / 32);
         if (c.natural && ef) DitherEncodeKernel<true, true><<<grid, kThreads, 0, stream>>>(d);
         if (c.natural && !ef) DitherEncodeKernel<true, false><<<grid, kThreads, 0, stream>>>(d);
         if (!c.natural && ef) DitherEncodeKernel<false, true><<<grid, kThreads, 0, stream>>>(d);
@@ -872,8 +1001,8 @@ Status CompressDense(const GpuCodec::Config& c, const float* x, float* residual,
   }
 }
 
-Status DecodeDense(const GpuCodec::Config& c, const uint8_t* in, size_t in_bytes, float* out, size_t n, bool acc,
-                   float alpha, const Common& cm) {
+Status DecodeDense(const GpuCodec::Config& c, const uint8_t* in, size_t in_bytes, float* out, size_t n,
+                   bool acc, float alpha, const Common& cm) {
   DeviceState* st = cm.ws.d_state;
   cudaStream_t stream = cm.stream;
   switch (c.id) {
@@ -962,7 +1091,8 @@ size_t ScratchBytesFor(const GpuCodec::Config& c, size_t n) {
 }
 
 Status LaunchCompress(const GpuCodec::Config& c, const float* x, float* residual, size_t n, uint8_t* out,
-                      size_t out_capacity, const CodecContext& ctx, GpuCodecWorkspace::Impl& ws, GpuStream stream) {
+                      size_t out_capacity, const CodecContext& ctx, GpuCodecWorkspace::Impl& ws,
+                      GpuStream stream) {
   const size_t need = ScratchBytesFor(c, n);
   if (need > ws.scratch_bytes) {
     return InvalidArgument("gpu codec: workspace scratch of " + std::to_string(ws.scratch_bytes) +
@@ -979,8 +1109,8 @@ Status LaunchCompress(const GpuCodec::Config& c, const float* x, float* residual
     const float* y = residual != nullptr ? residual : x;
     ZW_RETURN_IF_ERROR(SparseCompress(c, y, n, out, ctx, ws, stream));
     if (residual != nullptr) {
-      ZW_RETURN_IF_ERROR(SparseDecode(c, out, out_capacity, &ws.d_state->encoded_bytes, residual, n, true, -1.0f,
-                                      ws, stream));
+      ZW_RETURN_IF_ERROR(SparseDecode(c, out, out_capacity, &ws.d_state->encoded_bytes, residual, n, true,
+                                      -1.0f, ws, stream));
     }
   }
   return End(cm);
@@ -1013,12 +1143,15 @@ uint32_t PhiloxDraw(uint64_t seed, uint64_t tensor, uint32_t chunk, uint64_t ste
 }  // namespace zipwire::kernels::cuda::testing
 
 namespace zipwire::kernels::cuda::testing {
-std::vector<uint32_t> DitheringCodes(const float* x, size_t n, uint32_t s, bool natural, float norm,
-                                     const CodecContext& ctx) {
+std::vector<uint32_t> DitheringCodes(const float* x, size_t n, uint32_t s, bool natural, const float* norms,
+                                     uint32_t bucket_log2, const CodecContext& ctx) {
   const DevPhilox ph = MakePhilox(ctx.seed, ctx.tensor_id, ctx.chunk_index, ctx.step, 1);
-  const DitherQuant q = MakeDitherQuant(s, natural, norm);
   std::vector<uint32_t> codes(n);
-  for (size_t i = 0; i < n; ++i) codes[i] = DitherCodeOf(q, x[i], DevUniform(PhiloxU32(ph, i)));
+  for (size_t i = 0; i < n; ++i) {
+    const DitherQuant q = MakeDitherQuant(s, natural, norms[bucket_log2 == 0 ? 0 : i >> bucket_log2]);
+    codes[i] =
+        DitherCodeOf(q, x[i], DevUniform16(Half(PhiloxBlock(ph, i / 8), static_cast<uint32_t>(i % 8))));
+  }
   return codes;
 }
 std::vector<uint32_t> TerngradCodes(const float* x, size_t n, float scale, const CodecContext& ctx) {

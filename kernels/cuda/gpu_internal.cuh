@@ -20,17 +20,17 @@ namespace zipwire::kernels::cuda {
 // Device-side error codes (DeviceState::error); LastStatus maps them.
 enum GpuError : uint32_t {
   kGpuOk = 0,
-  kErrNonFiniteInput = 1,   // InvalidArgument: input has a NaN or infinity
-  kErrNormOverflow = 2,     // InvalidArgument: dithering l2 norm overflows float
-  kErrSketchOverflow = 3,   // InvalidArgument: countsketch counters not finite
-  kErrBadHeader = 10,       // Corrupt: magic, version, reserved, sizes
-  kErrWrongCodec = 11,      // InvalidArgument: another codec's buffer
-  kErrWrongElements = 12,   // InvalidArgument: element count differs
-  kErrBadParams = 13,       // Corrupt: parameter block / word
-  kErrBadPayload = 14,      // Corrupt: payload contents (codes, indices, padding)
-  kErrBadScalar = 15,       // Corrupt: scale / norm not finite and >= +0
-  kErrParamMismatch = 16,   // InvalidArgument: parameters differ from this GpuCodec's
-  kErrInternal = 17,        // Internal
+  kErrNonFiniteInput = 1,  // InvalidArgument: input has a NaN or infinity
+  kErrNormOverflow = 2,    // InvalidArgument: dithering l2 norm overflows float
+  kErrSketchOverflow = 3,  // InvalidArgument: countsketch counters not finite
+  kErrBadHeader = 10,      // Corrupt: magic, version, reserved, sizes
+  kErrWrongCodec = 11,     // InvalidArgument: another codec's buffer
+  kErrWrongElements = 12,  // InvalidArgument: element count differs
+  kErrBadParams = 13,      // Corrupt: parameter block / word
+  kErrBadPayload = 14,     // Corrupt: payload contents (codes, indices, padding)
+  kErrBadScalar = 15,      // Corrupt: scale / norm not finite and >= +0
+  kErrParamMismatch = 16,  // InvalidArgument: parameters differ from this GpuCodec's
+  kErrInternal = 17,       // Internal
 };
 
 // The per-operation record in device memory; the first 16 bytes are the
@@ -62,7 +62,6 @@ struct DeviceState {
   uint32_t tie_count;
   uint32_t pad;
 };
-
 
 struct GpuCodecWorkspace::Impl {
   size_t max_elements = 0;
@@ -125,11 +124,11 @@ __host__ __device__ inline uint4 Philox10(uint4 c, uint32_t k0, uint32_t k1) {
 
 __host__ __device__ inline DevPhilox MakePhilox(uint64_t seed, uint64_t tensor, uint32_t chunk, uint64_t step,
                                                 uint32_t purpose) {
-  const uint4 b1 = Philox10(make_uint4(static_cast<uint32_t>(tensor), static_cast<uint32_t>(tensor >> 32),
-                                       chunk, purpose),
-                            static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  const uint4 b2 =
-      Philox10(make_uint4(static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32), b1.z, b1.w), b1.x, b1.y);
+  const uint4 b1 =
+      Philox10(make_uint4(static_cast<uint32_t>(tensor), static_cast<uint32_t>(tensor >> 32), chunk, purpose),
+               static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const uint4 b2 = Philox10(
+      make_uint4(static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32), b1.z, b1.w), b1.x, b1.y);
   return DevPhilox{b2.x, b2.y, b2.z, b2.w};
 }
 
@@ -192,6 +191,16 @@ __host__ __device__ inline float DivRn(float a, float b) {
 // PhiloxUniform: the top 24 bits through int32, times 2^-24 (exact).
 __host__ __device__ inline float DevUniform(uint32_t u) {
   return MulRn(static_cast<float>(static_cast<int32_t>(u >> 8)), 0x1p-24f);
+}
+
+// dithering's draw: the 16-bit halfword h of a block's little-endian words
+// (h in [0, 8): word h / 2, the high half for odd h), as a float in [0, 1)
+// with resolution 2^-16 (kernels/codec_dithering.cc Uniform16).
+__host__ __device__ inline uint32_t Half(const uint4& b, uint32_t h) {
+  return (Word(b, h >> 1) >> ((h & 1u) << 4)) & 0xffffu;
+}
+__host__ __device__ inline float DevUniform16(uint32_t h) {
+  return MulRn(static_cast<float>(static_cast<int32_t>(h)), 0x1p-16f);
 }
 
 // terngrad's code of x against scale: 01 +scale, 10 -scale, 00 zero.
@@ -342,8 +351,8 @@ inline unsigned BlocksFor(size_t items, size_t per_block) {
 
 // Sparse codecs (gpu_sparse.cu).
 size_t SparseScratchBytes(const GpuCodec::Config& c, size_t n);
-Status SparseCompress(const GpuCodec::Config& c, const float* x, size_t n, uint8_t* out, const CodecContext& ctx,
-                      GpuCodecWorkspace::Impl& ws, cudaStream_t stream);
+Status SparseCompress(const GpuCodec::Config& c, const float* x, size_t n, uint8_t* out,
+                      const CodecContext& ctx, GpuCodecWorkspace::Impl& ws, cudaStream_t stream);
 // d_in_bytes: when not null the buffer's size is read from there on the device
 // (error feedback decoding its own output); in_bytes is then an upper bound.
 Status SparseDecode(const GpuCodec::Config& c, const uint8_t* in, size_t in_bytes,

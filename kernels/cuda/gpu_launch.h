@@ -19,6 +19,7 @@ struct GpuCodec::Config {
   uint32_t s = 16;      // dithering
   bool natural = false;
   bool max_norm = false;
+  uint32_t bucket_log2 = 13;                   // dithering: log2(bucket), 0 = one norm per chunk
   uint32_t rows = 5, cols = 1024, keep = 256;  // countsketch r, c, k
 };
 
@@ -27,7 +28,8 @@ size_t ScratchBytesFor(const GpuCodec::Config& c, size_t n);
 // residual == nullptr: plain Compress; else error feedback on residual.
 // Arguments are already checked by the caller.
 Status LaunchCompress(const GpuCodec::Config& c, const float* x, float* residual, size_t n, uint8_t* out,
-                      size_t out_capacity, const CodecContext& ctx, GpuCodecWorkspace::Impl& ws, GpuStream stream);
+                      size_t out_capacity, const CodecContext& ctx, GpuCodecWorkspace::Impl& ws,
+                      GpuStream stream);
 
 Status LaunchDecode(const GpuCodec::Config& c, const uint8_t* in, size_t in_bytes, float* out, size_t n,
                     bool accumulate, float alpha, GpuCodecWorkspace::Impl& ws, GpuStream stream);

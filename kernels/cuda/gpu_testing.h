@@ -21,9 +21,10 @@ std::vector<uint32_t> RandomkIndices(uint64_t seed, uint64_t tensor, uint32_t ch
                                      size_t k);
 
 // Per-element codes of dithering (level << 1 | sign) and terngrad (2 bits) as
-// the encode kernels compute them, for a given norm / scale.
-std::vector<uint32_t> DitheringCodes(const float* x, size_t n, uint32_t s, bool natural, float norm,
-                                     const CodecContext& ctx);
+// the encode kernels compute them, for given norms / scale (dithering: norm
+// k of elements [k*B, (k+1)*B) for B = 2^bucket_log2; one norm when 0).
+std::vector<uint32_t> DitheringCodes(const float* x, size_t n, uint32_t s, bool natural, const float* norms,
+                                     uint32_t bucket_log2, const CodecContext& ctx);
 std::vector<uint32_t> TerngradCodes(const float* x, size_t n, float scale, const CodecContext& ctx);
 
 }  // namespace zipwire::kernels::cuda::testing

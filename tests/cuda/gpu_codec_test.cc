@@ -3,6 +3,8 @@
 // CPU's floats, and GPU error feedback the CPU's bytes and residual.
 //
 // Every test skips, naming the reason, where no CUDA device is usable.
+#include "kernels/cuda/gpu_codec.h"
+
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -18,11 +20,10 @@
 #include <vector>
 
 #include "kernels/codec.h"
-#include "kernels/cuda/gpu_codec.h"
 #include "kernels/cuda/gpu_launch.h"
 #include "kernels/cuda/gpu_testing.h"
-#include "kernels/philox.h"
 #include "kernels/error_feedback.h"
+#include "kernels/philox.h"
 
 namespace zipwire::kernels::cuda {
 namespace {
@@ -66,8 +67,8 @@ class DeviceBuffer {
     std::memcpy(&a, &want[i], 4);
     std::memcpy(&b, &got[i], 4);
     if (a != b && !(std::isnan(want[i]) && std::isnan(got[i]))) {
-      return ::testing::AssertionFailure() << "element " << i << ": cpu " << want[i] << " (0x" << std::hex << a
-                                           << ") gpu " << got[i] << " (0x" << b << ")";
+      return ::testing::AssertionFailure() << "element " << i << ": cpu " << want[i] << " (0x" << std::hex
+                                           << a << ") gpu " << got[i] << " (0x" << b << ")";
     }
   }
   return ::testing::AssertionSuccess();
@@ -79,8 +80,8 @@ class DeviceBuffer {
   }
   for (size_t i = 0; i < want.size(); ++i) {
     if (want[i] != got[i]) {
-      return ::testing::AssertionFailure() << "first differing byte " << i << " of " << want.size() << ": cpu "
-                                           << int{want[i]} << " gpu " << int{got[i]};
+      return ::testing::AssertionFailure() << "first differing byte " << i << " of " << want.size()
+                                           << ": cpu " << int{want[i]} << " gpu " << int{got[i]};
     }
   }
   return ::testing::AssertionSuccess();
@@ -108,6 +109,9 @@ std::vector<std::string> Specs() {
           "dithering:s=16",
           "dithering:levels=natural,s=7",
           "dithering:norm=max,s=255",
+          "dithering:bucket=0,s=16",
+          "dithering:bucket=128,levels=natural,s=5",
+          "dithering:bucket=256,norm=max,s=300",
           "topk:0.01",
           "topk:37",
           "topk_sampled:0.01",
@@ -159,8 +163,9 @@ class GpuCodecTest : public ::testing::TestWithParam<std::string> {
     DeviceBuffer<float> dout(n);
     if (!bytes.empty()) din.Upload(bytes);
     dout.Upload(start);
-    const Status launched = acc ? gpu_->DecompressAccumulate(din.get(), bytes.size(), dout.get(), n, alpha, ws, stream())
-                                : gpu_->Decompress(din.get(), bytes.size(), dout.get(), n, ws, stream());
+    const Status launched =
+        acc ? gpu_->DecompressAccumulate(din.get(), bytes.size(), dout.get(), n, alpha, ws, stream())
+            : gpu_->Decompress(din.get(), bytes.size(), dout.get(), n, ws, stream());
     ZW_RETURN_IF_ERROR(launched);
     if (cudaStreamSynchronize(stream_) != cudaSuccess) return Internal("sync failed");
     const Status st = ws.LastStatus();
@@ -251,7 +256,8 @@ class GpuCodecTest : public ::testing::TestWithParam<std::string> {
 TEST_P(GpuCodecTest, SmallAndMediumSizesMatchCpu) {
   auto ws = GpuCodecWorkspace::Create((size_t{1} << 20) + 1, gpu_.get());
   ASSERT_TRUE(ws.ok()) << ws.status().ToString();
-  for (size_t n : {size_t{0}, size_t{1}, size_t{31}, size_t{33}, size_t{4097}, size_t{65536 + 77}, size_t{1} << 20}) {
+  for (size_t n :
+       {size_t{0}, size_t{1}, size_t{31}, size_t{33}, size_t{4097}, size_t{65536 + 77}, size_t{1} << 20}) {
     for (uint64_t seed : {1ull, 2ull, 0x9e3779b97f4a7c15ull}) {
       const CodecContext ctx{seed, 40 + seed, static_cast<uint32_t>(seed * 3), seed * 11};
       Check(Normal(n, static_cast<uint32_t>(seed) + static_cast<uint32_t>(n)), ctx, **ws);
@@ -310,7 +316,7 @@ TEST_P(GpuCodecTest, CorruptBuffersAreRejectedLikeCpu) {
   bad.push_back(*good);
   bad.back()[0] ^= 1;  // magic
   bad.push_back(*good);
-  bad.back()[28] = 1;  // reserved
+  bad.back()[28] = 1;                                                      // reserved
   bad.push_back(std::vector<uint8_t>(good->begin(), good->begin() + 16));  // short header
   bad.push_back(*good);
   bad.back()[bad.back().size() - 1] ^= 0xff;  // last payload byte (padding, codes, values)
@@ -395,9 +401,11 @@ TEST(GpuCodecApiTest, DitheringAndTerngradQuantisersMatchCpu) {
     x[n / 3] = 0.0f;
     x[n / 2] = -0.0f;
     x[n - 1] = 1e-30f;  // deep below the natural levels
-    for (const char* spec : {"dithering:s=16", "dithering:s=1", "dithering:s=7,levels=natural",
-                             "dithering:s=32,levels=natural", "dithering:s=255,norm=max", "dithering:s=65535",
-                             "dithering:s=3,levels=natural,norm=max"}) {
+    for (const char* spec :
+         {"dithering:s=16", "dithering:s=1", "dithering:s=7,levels=natural", "dithering:s=32,levels=natural",
+          "dithering:s=255,norm=max", "dithering:s=65535", "dithering:s=3,levels=natural,norm=max",
+          "dithering:s=16,bucket=0", "dithering:s=7,levels=natural,bucket=0", "dithering:s=300,bucket=128",
+          "dithering:s=5,levels=natural,norm=max,bucket=512"}) {
       auto cpu = CreateCodec(spec);
       ASSERT_TRUE(cpu.ok()) << spec;
       auto gpu = GpuCodec::Create(spec);
@@ -405,15 +413,20 @@ TEST(GpuCodecApiTest, DitheringAndTerngradQuantisersMatchCpu) {
       const GpuCodec::Config& c = (*gpu)->config();
       std::vector<uint8_t> buf((*cpu)->MaxCompressedBytes(n));
       ASSERT_TRUE((*cpu)->Compress(x, buf, ctx).ok());
-      float norm;
-      std::memcpy(&norm, buf.data() + 32, 4);
+      const size_t bucket = c.bucket_log2 == 0 ? n : size_t{1} << c.bucket_log2;
+      const size_t m = c.bucket_log2 == 0 ? 1 : (n + bucket - 1) / bucket;
+      std::vector<float> norms(m);
+      std::memcpy(norms.data(), buf.data() + 32, 4 * m);
+      const size_t at = 32 + 4 * m;  // the code stream
       const uint32_t w = static_cast<uint32_t>(std::bit_width(c.s)) + 1;
-      const std::vector<uint32_t> codes = testing::DitheringCodes(x.data(), n, c.s, c.natural, norm, ctx);
+      const std::vector<uint32_t> codes =
+          testing::DitheringCodes(x.data(), n, c.s, c.natural, norms.data(), c.bucket_log2, ctx);
       size_t mismatches = 0, first = n;
       for (size_t i = 0; i < n; ++i) {
         uint64_t v = 0;
         const size_t bit = i * w;
-        for (size_t b = 0; b < 4 && 36 + bit / 8 + b < buf.size(); ++b) v |= uint64_t{buf[36 + bit / 8 + b]} << (8 * b);
+        for (size_t b = 0; b < 4 && at + bit / 8 + b < buf.size(); ++b)
+          v |= uint64_t{buf[at + bit / 8 + b]} << (8 * b);
         const uint32_t want = static_cast<uint32_t>((v >> (bit % 8)) & ((1u << w) - 1));
         if (want != codes[i]) {
           ++mismatches;

@@ -29,7 +29,6 @@ size_t BitDiff(const A& a, const B& b, size_t n) {
   return 0;
 }
 
-
 // The spec, literally: segments of 8192, element i into lane i % 32 from
 // +0.0, the shuffle-down tree, segment totals in order from +0.0.
 double PlainSum(const std::vector<float>& y, bool squares, uint64_t* finite) {
@@ -191,7 +190,8 @@ TEST(CanonicalSumTest, CodecsUseTheCanonicalSums) {
   // Bucketed, each bucket's norm is the canonical sum of that bucket alone
   // (for B = 8192, segment k's total).
   for (size_t bucket : {size_t{8192}, size_t{128}, size_t{1024}}) {
-    const auto b = testing::Encode(*testing::MustCreate("dithering:s=16,bucket=" + std::to_string(bucket)), y);
+    const auto b =
+        testing::Encode(*testing::MustCreate("dithering:s=16,bucket=" + std::to_string(bucket)), y);
     ASSERT_FALSE(b.empty());
     const size_t m = (y.size() + bucket - 1) / bucket;
     for (size_t k = 0; k < m; ++k) {
