@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <string>
 #include <vector>
@@ -90,6 +91,7 @@ Bytes Encode(const zk::Codec& codec, const std::vector<float>& x, const zk::Code
 struct CodecSeeds {
   const char* name;  // the target is fuzz_decode_<name>
   std::vector<const char*> specs;
+  std::vector<size_t> extra_sizes = {};  // beyond kSizes (dithering: several buckets)
 };
 
 const std::vector<CodecSeeds>& AllCodecs() {
@@ -101,7 +103,10 @@ const std::vector<CodecSeeds>& AllCodecs() {
       {"topk", {"topk:0.1", "topk:3", "topk:0.5"}},
       {"topk_sampled", {"topk_sampled:0.1", "topk_sampled:4"}},
       {"randomk", {"randomk:0.25", "randomk:3,scale=1"}},
-      {"dithering", {"dithering:s=4", "dithering:s=16,norm=max", "dithering:s=8,levels=natural"}},
+      {"dithering",
+       {"dithering:s=4", "dithering:s=16,norm=max", "dithering:s=8,levels=natural", "dithering:bucket=0,s=4",
+        "dithering:bucket=128,s=5", "dithering:bucket=128,levels=natural,norm=max,s=3"},
+       {300}},
       {"terngrad", {"terngrad"}},
       {"countsketch", {"countsketch:r=3,c=16", "countsketch:r=4,c=8,k=2"}},
   };
@@ -119,7 +124,9 @@ void CodecCorpus() {
         std::printf("note: skipping '%s': %s\n", c.specs[si], codec.status().ToString().c_str());
         continue;
       }
-      for (size_t n : kSizes) {
+      std::vector<size_t> sizes(std::begin(kSizes), std::end(kSizes));
+      sizes.insert(sizes.end(), c.extra_sizes.begin(), c.extra_sizes.end());
+      for (size_t n : sizes) {
         for (int variant = 0; variant < 3; ++variant) {
           if (n == 0 && variant > 0) continue;
           zk::CodecContext ctx;

@@ -810,7 +810,12 @@ __global__ void DitherValidateKernel(const uint8_t* in, unsigned long long in_by
 
 // Every norm finite and >= +0, every code's level <= s and no signed zero.
 __global__ void DitherCodesKernel(const uint8_t* in, size_t n, DeviceState* st) {
-  if (st->error != 0) return;
+  // One read of the error for the whole block: another block may set it
+  // meanwhile, and every thread must reach the barriers below or none.
+  __shared__ uint32_t skip;
+  if (threadIdx.x == 0) skip = atomicAdd(&st->error, 0u);
+  __syncthreads();
+  if (skip != 0) return;
   const uint32_t s = st->rows;
   const uint32_t bucket_log2 = st->cols >> 1;
   const size_t m = DitherNorms(n, bucket_log2);

@@ -531,6 +531,97 @@ TEST(Dithering, CorruptCodesNormAndPadding) {
   }
 }
 
+// Buckets: one norm per B elements, all norms before the codes; the decoder
+// checks every norm, the bucket field and the payload size it implies.
+TEST(Dithering, BucketsLayoutAndCorruption) {
+  auto codec = MustCreate("dithering:bucket=128,norm=max,s=4");
+  EXPECT_EQ(codec->name(), "dithering:bucket=128,levels=linear,norm=max,s=4");
+  const size_t n = 300;  // buckets of 128, 128, 44
+  std::vector<float> x(n, 0.0f);
+  for (size_t i = 0; i < n; ++i) {
+    if (i % 128 == 5) x[i] = 8.0f * static_cast<float>(i / 128 + 1);
+    if (i % 128 == 9) x[i] = -4.0f * static_cast<float>(i / 128 + 1);  // level 2 of 4: exact
+  }
+  const auto good = testing::Encode(*codec, x);
+  ASSERT_EQ(good.size(), 32u + 3 * 4 + n * 4 / 8);
+  const uint32_t word = 4u | 1u << 17 | 7u << 18;
+  EXPECT_EQ(internal::LoadLe32(good.data() + 24), word);
+  for (size_t k = 0; k < 3; ++k) EXPECT_EQ(internal::LoadF32(good.data() + 32 + 4 * k), 8.0f * (k + 1));
+  EXPECT_EQ(Decode(*codec, good, n), x);
+  for (size_t k = 0; k < 3; ++k) {
+    for (float norm : {-1.0f, -0.0f, INFINITY, NAN}) {
+      auto b = good;
+      std::memcpy(b.data() + 32 + 4 * k, &norm, 4);
+      EXPECT_EQ(DecodeCode(*codec, b, n), StatusCode::kCorrupt) << "norm " << k << " = " << norm;
+    }
+  }
+  // Bucket fields outside {0, 7..13}, a bit above them, and fields that imply
+  // another number of norms (so another payload size).
+  for (uint32_t field : {1u, 6u, 14u, 31u, 8u, 0u}) {
+    auto b = good;
+    const uint32_t w = (word & ~(0x1fu << 18)) | field << 18;
+    for (int i = 0; i < 4; ++i) b[24 + i] = static_cast<uint8_t>(w >> (8 * i));
+    EXPECT_EQ(DecodeCode(*codec, b, n), StatusCode::kCorrupt) << field;
+  }
+  auto b = good;
+  b[26] |= 0x80;  // bit 23
+  EXPECT_EQ(DecodeCode(*codec, b, n), StatusCode::kCorrupt);
+  // The unbucketed form has no bucket bits: the format of buffers written
+  // before buckets existed.
+  auto whole = MustCreate("dithering:bucket=0,norm=max,s=4");
+  const auto w = testing::Encode(*whole, x);
+  EXPECT_EQ(internal::LoadLe32(w.data() + 24), 4u | 1u << 17);
+  ASSERT_EQ(w.size(), 32u + 4 + n * 4 / 8);
+  EXPECT_EQ(internal::LoadF32(w.data() + 32), 24.0f);
+  // Any decoder instance reads the parameters from the buffer.
+  EXPECT_EQ(Decode(*codec, w, n), Decode(*whole, w, n));
+  EXPECT_EQ(Decode(*whole, good, n), x);
+}
+
+// Buckets make the norm local: a bucket of small values next to one of large
+// values keeps its own resolution (here the small bucket decodes with 1/16 of
+// the error it gets against one norm for the chunk).
+TEST(Dithering, BucketNormsAreLocal) {
+  std::vector<float> x = RandomNormal(256, 21, 1e-3f);
+  for (size_t i = 128; i < 256; ++i) x[i] *= 1000.0f;
+  double err_bucketed = 0, err_whole = 0;
+  for (int t = 0; t < 20; ++t) {
+    const auto a = Decode(*MustCreate("dithering:bucket=128,s=4"),
+                          testing::Encode(*MustCreate("dithering:bucket=128,s=4"), x, Ctx(0, t)), 256);
+    const auto b = Decode(*MustCreate("dithering:bucket=0,s=4"),
+                          testing::Encode(*MustCreate("dithering:bucket=0,s=4"), x, Ctx(0, t)), 256);
+    for (size_t i = 0; i < 128; ++i) {
+      err_bucketed += (a[i] - x[i]) * (a[i] - x[i]);
+      err_whole += (b[i] - x[i]) * (b[i] - x[i]);
+    }
+  }
+  EXPECT_LT(err_bucketed * 16, err_whole);
+}
+
+// Error feedback rejecting a later bucket leaves the residual holding
+// input + residual: exactly for the rejected bucket and after it, up to one
+// rounding (e' + decode) for the buckets already quantised.
+TEST(Dithering, RejectedBucketLeavesInputPlusResidual) {
+  auto codec = MustCreate("dithering:bucket=128,s=8");
+  const size_t n = 4 * 128 + 7;
+  const auto x0 = RandomNormal(n, 31);
+  auto x = RandomNormal(n, 32);
+  x[2 * 128 + 3] = NAN;
+  std::vector<float> e = x0;
+  std::vector<uint8_t> out(codec->MaxCompressedBytes(n));
+  FeedbackState state;
+  EXPECT_EQ(codec->CompressWithFeedback(x, e, state, out, Ctx(0)).status().code(),
+            StatusCode::kInvalidArgument);
+  for (size_t i = 0; i < n; ++i) {
+    const float y = x0[i] + x[i];
+    if (i >= 2 * 128) {
+      EXPECT_EQ(std::bit_cast<uint32_t>(e[i]), std::bit_cast<uint32_t>(y)) << i;
+    } else {
+      EXPECT_NEAR(e[i], y, 1e-6 * (1.0 + std::fabs(y))) << i;
+    }
+  }
+}
+
 TEST(Terngrad, LayoutAndCorruption) {
   auto codec = MustCreate("terngrad");
   const std::vector<float> x = {3.0f, -3.0f, 0.0f, 3.0f, -3.0f};

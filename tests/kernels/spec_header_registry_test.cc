@@ -201,10 +201,26 @@ TEST(Registry, CreatesBuiltins) {
 }
 
 TEST(Registry, CreatesEveryCodecAndItsNameRebuildsIt) {
-  for (const char* text : {"bf16", "topk", "topk:0.05", "topk:100", "topk_sampled", "topk_sampled:0.001",
-                           "randomk", "randomk:0.1", "randomk:0.1,scale=1", "randomk:7,scale=0", "dithering",
-                           "dithering:s=3", "dithering:levels=natural,s=8", "dithering:norm=max,s=255",
-                           "terngrad", "countsketch", "countsketch:r=7,c=100", "countsketch:k=3,r=1,c=8"}) {
+  for (const char* text : {"bf16",
+                           "topk",
+                           "topk:0.05",
+                           "topk:100",
+                           "topk_sampled",
+                           "topk_sampled:0.001",
+                           "randomk",
+                           "randomk:0.1",
+                           "randomk:0.1,scale=1",
+                           "randomk:7,scale=0",
+                           "dithering",
+                           "dithering:s=3",
+                           "dithering:levels=natural,s=8",
+                           "dithering:norm=max,s=255",
+                           "dithering:bucket=0",
+                           "dithering:bucket=128,s=5",
+                           "terngrad",
+                           "countsketch",
+                           "countsketch:r=7,c=100",
+                           "countsketch:k=3,r=1,c=8"}) {
     auto codec = CreateCodec(text);
     ASSERT_TRUE(codec.ok()) << text << ": " << codec.status().ToString();
     auto again = CreateCodec((*codec)->name());
@@ -236,6 +252,10 @@ TEST(Registry, RejectsBadCodecParameters) {
                            "dithering:levels=log",
                            "dithering:norm=l1",
                            "dithering:s=x",
+                           "dithering:bucket=64",
+                           "dithering:bucket=100",
+                           "dithering:bucket=16384",
+                           "dithering:bucket=-1",
                            "countsketch:r=0",
                            "countsketch:r=65",
                            "countsketch:c=0",
