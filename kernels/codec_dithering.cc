@@ -215,38 +215,59 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) size_t QuantiseLin
 
 // Error feedback's block for linear levels in one pass over x and e: y = e + x,
 // its codes as QuantiseLinearAvx512, and e = y + -(decode of the code) with
-// the decode as Levels::Value. Returns the elements done (a multiple of 16).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) size_t FeedLinearAvx512(
-    uint32_t s, float norm, const float* x, float* e, const uint32_t* u, size_t len, uint32_t* codes) {
+// the decode as Levels::Value. The level is carried as a float (floor by
+// roundscale, +1 and the clamp to s in float, all exact on integers <= 65536)
+// so the decode needs no conversion; a NaN a (denormal norm) still gives
+// level s, as the integer form of Quantise does. With w <= 8 the codes go
+// straight into the stream at `packed` (as PackBytesAvx512 would put them,
+// at a byte boundary) instead of codes[]. Returns the elements done (a
+// multiple of 16).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2"))) size_t FeedLinearAvx512(
+    uint32_t s, float norm, const float* x, float* e, const uint32_t* u, size_t len, uint32_t* codes,
+    uint8_t* packed, uint32_t w) {
   const __m512 mult = _mm512_set1_ps(static_cast<float>(s) / norm);
   const __m512 step = _mm512_set1_ps(norm / static_cast<float>(s));
   const __m512 s_f = _mm512_set1_ps(static_cast<float>(s));
-  const __m512i s_i = _mm512_set1_epi32(static_cast<int>(s));
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(0x80000000u));
   const __m512 two_m16 = _mm512_set1_ps(0x1p-16f);
-  const __m512i one = _mm512_set1_epi32(1);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const uint64_t pext_mask = 0x0101010101010101ull * ((uint64_t{1} << (w & 15)) - 1);
   size_t i = 0;
   for (; i + 16 <= len; i += 16) {
     const __m512 y = _mm512_add_ps(_mm512_loadu_ps(e + i), _mm512_loadu_ps(x + i));
     const __m512i yb = _mm512_castps_si512(y);
     const __m512 a = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(yb, abs_mask)), mult);
-    const __m512i fl = _mm512_cvttps_epi32(_mm512_min_ps(s_f, a));
-    const __m512 p = _mm512_sub_ps(a, _mm512_cvtepi32_ps(fl));
+    const __m512 fl = _mm512_roundscale_ps(_mm512_min_ps(s_f, a), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m512 p = _mm512_sub_ps(a, fl);
     const __m512 uf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(
                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + i / 2)))),
                                     two_m16);
     const __mmask16 up = _mm512_cmp_ps_mask(uf, p, _CMP_LT_OQ);
-    const __m512i l = _mm512_min_epu32(_mm512_mask_add_epi32(fl, up, fl, one), s_i);
+    const __m512 lf = _mm512_min_ps(_mm512_mask_add_ps(fl, up, fl, one), s_f);  // NaN -> s
+    const __m512i l = _mm512_cvttps_epi32(lf);
     const __mmask16 nonzero = _mm512_test_epi32_mask(l, l);
     const __m512i sign = _mm512_maskz_and_epi32(nonzero, yb, sign_bit);  // level 0 has sign 0
-    _mm512_storeu_si512(codes + i,
-                        _mm512_maskz_mov_epi32(
-                            nonzero, _mm512_or_si512(_mm512_slli_epi32(l, 1), _mm512_srli_epi32(sign, 31))));
-    const __m512 mag = _mm512_mul_ps(_mm512_cvtepi32_ps(l), step);
+    const __m512i code = _mm512_maskz_or_epi32(nonzero, _mm512_slli_epi32(l, 1), _mm512_srli_epi32(yb, 31));
+    if (packed != nullptr) {
+      const __m128i b = _mm512_cvtepi32_epi8(code);
+      const uint64_t p0 = _pext_u64(static_cast<uint64_t>(_mm_cvtsi128_si64(b)), pext_mask);
+      const uint64_t p1 = _pext_u64(static_cast<uint64_t>(_mm_extract_epi64(b, 1)), pext_mask);
+      if (w >= 3 && i + 32 <= len) {  // whole 8-byte stores, as PackBytesAvx512
+        std::memcpy(packed, &p0, 8);
+        std::memcpy(packed + w, &p1, 8);
+      } else {
+        std::memcpy(packed, &p0, w);
+        std::memcpy(packed + w, &p1, w);
+      }
+      packed += 2 * w;
+    } else {
+      _mm512_storeu_si512(codes + i, code);
+    }
+    const __m512 mag = _mm512_mul_ps(lf, step);
     // -val: the magnitude with the opposite of the code's sign bit.
-    const __m512 neg_val =
-        _mm512_castsi512_ps(_mm512_xor_si512(_mm512_or_si512(_mm512_castps_si512(mag), sign), sign_bit));
+    const __m512 neg_val = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(
+        _mm512_castps_si512(mag), sign, sign_bit, 0x56));  // (mag | sign) ^ sign_bit
     _mm512_storeu_ps(e + i, _mm512_add_ps(y, neg_val));
   }
   return i;
@@ -375,6 +396,11 @@ class BitWriter {
     acc_ = acc;
     bits_ = bits;
   }
+  // Where the next code goes when the stream is at a byte boundary and the
+  // caller may write codes of w <= 8 bits as PackBytesAvx512 does; else null.
+  uint8_t* BytePosition() const { return bits_ == 0 && bytes_ ? p_ : nullptr; }
+  // After such a caller wrote `bytes` bytes (a whole number of 8-code groups).
+  void SkipBytes(size_t bytes) { p_ += bytes; }
   void Finish() {
     for (uint32_t b = 0; b < bits_; b += 8) *p_++ = static_cast<uint8_t>(acc_ >> b);
   }
@@ -522,16 +548,21 @@ class DitheringCodec final : public Codec {
           }
         }
         stream.Fill(base / 8, (len + 7) / 8, u);
-        size_t done = 0;
+        size_t done = 0, packed_done = 0;
 #if defined(__x86_64__)
         if (isa == CpuIsa::kAvx512 && !c_.natural && norm != 0.0f) {
-          done = FeedLinearAvx512(c_.s, norm, x + base, e + base, u, len, codes);
+          uint8_t* packed = writer.BytePosition();
+          done = FeedLinearAvx512(c_.s, norm, x + base, e + base, u, len, codes, packed, c_.bits());
+          if (packed != nullptr) {
+            writer.SkipBytes(done / 8 * c_.bits());
+            packed_done = done;
+          }
         }
 #endif
         // The rest (all of it off the AVX-512 linear path): y, codes, then e.
         for (size_t i = done; i < len; ++i) y[i] = e[base + i] + x[base + i];
         QuantiseBlock(norm, y + done, u + done / 2, len - done, codes + done, isa);
-        writer.PutBlock(codes, len);
+        writer.PutBlock(codes + packed_done, len - packed_done);
         if (c_.natural) {
           for (size_t i = done; i < len; ++i) e[base + i] = y[i] + -levels.Value(codes[i]);
         } else {
