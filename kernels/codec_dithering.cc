@@ -184,6 +184,24 @@ void Quantise(const Config& c, float norm, const float* x, const uint32_t* u, si
 }
 
 #if defined(__x86_64__)
+// The tail of a stream: the 2w bytes of two 8-code groups, exactly.
+__attribute__((noinline)) void StoreGroupsExact(uint8_t* out, uint64_t p0, uint64_t p1, uint32_t w) {
+  std::memcpy(out, &p0, w);
+  std::memcpy(out + w, &p1, w);
+}
+
+// Stores two 8-code groups (each exactly w bytes: pext results, zero above)
+// at out: as whole 8-byte stores while they stay below `end` (the bytes past
+// the 2w are zeros the next groups overwrite), exactly near the end.
+inline void StoreGroups(uint8_t* out, uint64_t p0, uint64_t p1, uint32_t w, const uint8_t* end) {
+  if (out + w + 8 <= end) {
+    std::memcpy(out, &p0, 8);
+    std::memcpy(out + w, &p1, 8);
+  } else {
+    StoreGroupsExact(out, p0, p1, w);
+  }
+}
+
 // Quantise's linear branch, sixteen elements at a time with the same
 // operations in the same order (std::min(a, s) is vminps(s, a): a NaN a,
 // from a denormal norm, stays NaN as in the scalar code). Returns how many
@@ -224,7 +242,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) size_t QuantiseLin
 // multiple of 16).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2"))) size_t FeedLinearAvx512(
     uint32_t s, float norm, const float* x, float* e, const uint32_t* u, size_t len, uint32_t* codes,
-    uint8_t* packed, uint32_t w) {
+    uint8_t* packed, uint32_t w, const uint8_t* end) {
   const __m512 mult = _mm512_set1_ps(static_cast<float>(s) / norm);
   const __m512 step = _mm512_set1_ps(norm / static_cast<float>(s));
   const __m512 s_f = _mm512_set1_ps(static_cast<float>(s));
@@ -251,15 +269,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2"))) size_t FeedLi
     const __m512i code = _mm512_maskz_or_epi32(nonzero, _mm512_slli_epi32(l, 1), _mm512_srli_epi32(yb, 31));
     if (packed != nullptr) {
       const __m128i b = _mm512_cvtepi32_epi8(code);
-      const uint64_t p0 = _pext_u64(static_cast<uint64_t>(_mm_cvtsi128_si64(b)), pext_mask);
-      const uint64_t p1 = _pext_u64(static_cast<uint64_t>(_mm_extract_epi64(b, 1)), pext_mask);
-      if (w >= 3 && i + 32 <= len) {  // whole 8-byte stores, as PackBytesAvx512
-        std::memcpy(packed, &p0, 8);
-        std::memcpy(packed + w, &p1, 8);
-      } else {
-        std::memcpy(packed, &p0, w);
-        std::memcpy(packed + w, &p1, w);
-      }
+      StoreGroups(packed, _pext_u64(static_cast<uint64_t>(_mm_cvtsi128_si64(b)), pext_mask),
+                  _pext_u64(static_cast<uint64_t>(_mm_extract_epi64(b, 1)), pext_mask), w, end);
       packed += 2 * w;
     } else {
       _mm512_storeu_si512(codes + i, code);
@@ -328,24 +339,15 @@ constexpr auto kPack32 = Pack32Table(std::make_integer_sequence<uint32_t, 18>())
 // Codes of w <= 8 bits, sixteen at a time: narrowed to bytes, and each 8 of
 // them gathered by one pext into exactly w bytes of the stream (so a group
 // starting at a byte boundary ends on one). Returns the codes done (a
-// multiple of 16). Writes only inside the 2w bytes per 16 codes it does.
+// multiple of 16). Writes nothing at or past `end` (the end of the stream).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2"))) size_t PackBytesAvx512(
-    const uint32_t* codes, size_t len, uint32_t w, uint8_t* out) {
+    const uint32_t* codes, size_t len, uint32_t w, uint8_t* out, const uint8_t* end) {
   const uint64_t mask = 0x0101010101010101ull * ((uint64_t{1} << w) - 1);
   size_t i = 0;
   for (; i + 16 <= len; i += 16) {
     const __m128i b = _mm512_cvtepi32_epi8(_mm512_loadu_si512(codes + i));
-    const uint64_t p0 = _pext_u64(static_cast<uint64_t>(_mm_cvtsi128_si64(b)), mask);
-    const uint64_t p1 = _pext_u64(static_cast<uint64_t>(_mm_extract_epi64(b, 1)), mask);
-    if (w >= 3 && i + 32 <= len) {
-      // Whole 8-byte stores: the bytes past this group's 2w are zeros that
-      // the next group (2w >= 8 - w bytes of it) overwrites.
-      std::memcpy(out, &p0, 8);
-      std::memcpy(out + w, &p1, 8);
-    } else {
-      std::memcpy(out, &p0, w);
-      std::memcpy(out + w, &p1, w);
-    }
+    StoreGroups(out, _pext_u64(static_cast<uint64_t>(_mm_cvtsi128_si64(b)), mask),
+                _pext_u64(static_cast<uint64_t>(_mm_extract_epi64(b, 1)), mask), w, end);
     out += 2 * w;
   }
   return i;
@@ -355,14 +357,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2"))) size_t PackBy
 // Little-endian bit stream of w-bit codes.
 class BitWriter {
  public:
-  BitWriter(uint8_t* out, uint32_t w, CpuIsa isa)
-      : p_(out), w_(w), bytes_(isa == CpuIsa::kAvx512 && w <= 8) {}
+  // The stream is [out, end).
+  BitWriter(uint8_t* out, uint8_t* end, uint32_t w, CpuIsa isa)
+      : p_(out), end_(end), w_(w), bytes_(isa == CpuIsa::kAvx512 && w <= 8) {}
+  const uint8_t* end() const { return end_; }
   // Put, faster when the stream is word-aligned: whole groups of 32 codes
   // are exactly w words (and groups of 8 exactly w bytes).
   void PutBlock(const uint32_t* codes, size_t len) {
 #if defined(__x86_64__)
     if (bits_ == 0 && bytes_) {
-      const size_t i = PackBytesAvx512(codes, len, w_, p_);
+      const size_t i = PackBytesAvx512(codes, len, w_, p_, end_);
       p_ += i / 8 * w_;
       codes += i;
       len -= i;
@@ -407,6 +411,7 @@ class BitWriter {
 
  private:
   uint8_t* p_;
+  uint8_t* end_;
   uint32_t w_;
   bool bytes_;  // PackBytesAvx512 applies
   uint64_t acc_ = 0;
@@ -471,7 +476,7 @@ class DitheringCodec final : public Codec {
     const size_t m = c_.norms(n), bucket = c_.bucket(n);
     const PhiloxStream stream(ctx.seed, ctx.tensor_id, ctx.chunk_index, ctx.step, PhiloxPurpose::kDithering);
     const CpuIsa isa = ActiveIsa();
-    BitWriter writer(norms + 4 * m, c_.bits(), isa);
+    BitWriter writer(norms + 4 * m, norms + payload, c_.bits(), isa);
     uint32_t u[kBlock / 2], codes[kBlock];
     for (size_t k = 0; k < m; ++k) {
       const size_t b0 = k * bucket, end = std::min(n, b0 + bucket);
@@ -510,7 +515,7 @@ class DitheringCodec final : public Codec {
     uint8_t* norms = out.data() + WireHeader::kBytes;
     const size_t m = c_.norms(n), bucket = c_.bucket(n);
     const PhiloxStream stream(ctx.seed, ctx.tensor_id, ctx.chunk_index, ctx.step, PhiloxPurpose::kDithering);
-    BitWriter writer(norms + 4 * m, c_.bits(), isa);
+    BitWriter writer(norms + 4 * m, norms + payload, c_.bits(), isa);
     float y[kBlock];
     uint32_t u[kBlock / 2], codes[kBlock];
     for (size_t k = 0; k < m; ++k) {
@@ -552,7 +557,8 @@ class DitheringCodec final : public Codec {
 #if defined(__x86_64__)
         if (isa == CpuIsa::kAvx512 && !c_.natural && norm != 0.0f) {
           uint8_t* packed = writer.BytePosition();
-          done = FeedLinearAvx512(c_.s, norm, x + base, e + base, u, len, codes, packed, c_.bits());
+          done = FeedLinearAvx512(c_.s, norm, x + base, e + base, u, len, codes, packed, c_.bits(),
+                                  writer.end());
           if (packed != nullptr) {
             writer.SkipBytes(done / 8 * c_.bits());
             packed_done = done;
