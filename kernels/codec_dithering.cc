@@ -285,6 +285,67 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2"))) size_t FeedLi
 }
 #endif
 
+#if defined(__x86_64__)
+// Sixteen codes of w <= 8 bits from the byte-aligned group at g (2w bytes:
+// two 8-code groups of w bytes, read as 8-byte loads, so g + w + 8 must not
+// pass the stream's end), spread to one byte each by pdep, widened to u32.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2"))) inline __m512i Unpack16(const uint8_t* g,
+                                                                                           uint32_t w,
+                                                                                           uint64_t mask) {
+  uint64_t a, b;
+  std::memcpy(&a, g, 8);
+  std::memcpy(&b, g + w, 8);
+  return _mm512_cvtepu8_epi32(
+      _mm_set_epi64x(static_cast<long long>(_pdep_u64(b, mask)), static_cast<long long>(_pdep_u64(a, mask))));
+}
+
+// Decode's validation of codes [0, n) of the stream [stream, end), sixteen at
+// a time while the loads stay inside; returns the codes checked (a multiple
+// of 16) and sets *bad when one has a level above s or is a signed zero.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2"))) size_t ValidateCodesAvx512(
+    const uint8_t* stream, const uint8_t* end, size_t n, uint32_t w, uint32_t max_code, bool* bad) {
+  const uint64_t mask = 0x0101010101010101ull * ((uint64_t{1} << w) - 1);
+  const __m512i max_v = _mm512_set1_epi32(static_cast<int>(max_code));
+  const __m512i one = _mm512_set1_epi32(1);
+  __mmask16 acc = 0;
+  size_t i = 0;
+  for (const uint8_t* g = stream; i + 16 <= n && g + w + 8 <= end; i += 16, g += 2 * w) {
+    const __m512i c = Unpack16(g, w, mask);
+    acc |= _mm512_cmpgt_epu32_mask(c, max_v) | _mm512_cmpeq_epi32_mask(c, one);
+  }
+  *bad = acc != 0;
+  return i;
+}
+
+// Decode of linear codes [b0, b0 + len) (b0 a multiple of 8) against `step`
+// = norm / s, as Levels::Value and Decode's loop compute it (alpha * val
+// rounded, then added). Returns the elements done (a multiple of 16).
+template <bool kAccumulate>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi2"))) size_t DecodeLinearAvx512(
+    const uint8_t* stream, const uint8_t* end, size_t b0, size_t len, uint32_t w, float step, float alpha,
+    float* dst) {
+  const uint64_t mask = 0x0101010101010101ull * ((uint64_t{1} << w) - 1);
+  const __m512 step_v = _mm512_set1_ps(step);
+  const __m512 alpha_v = _mm512_set1_ps(alpha);
+  const __m512i one = _mm512_set1_epi32(1);
+  size_t i = 0;
+  for (const uint8_t* g = stream + b0 / 8 * w; i + 16 <= len && g + w + 8 <= end; i += 16, g += 2 * w) {
+    const __m512i c = Unpack16(g, w, mask);
+    const __m512 mag = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 1)), step_v);
+    const __m512 val = _mm512_castsi512_ps(
+        _mm512_or_si512(_mm512_castps_si512(mag), _mm512_slli_epi32(_mm512_and_si512(c, one), 31)));
+    if constexpr (kAccumulate) {
+      __m512 scaled = _mm512_mul_ps(alpha_v, val);
+      asm("" : "+v"(scaled));  // rounded product, as the scalar loop: GCC would contract mul + add to an FMA
+      _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_loadu_ps(dst + i), scaled));
+    } else {
+      _mm512_storeu_ps(dst + i, val);
+    }
+  }
+  return i;
+}
+#endif
+
 // The decoded value of a (valid) code, computed exactly as Decode does:
 // linear level l -> (float)l * (norm / s), natural -> table[l] = norm * 2^(l-s),
 // the sign bit OR-ed in.
@@ -701,11 +762,21 @@ class DitheringCodec final : public Codec {
     const size_t stream_bytes = h.payload_bytes - 4 * m;
     const uint8_t* stream = p + 4 * m;
     const CodeReader code(stream, stream_bytes, w);
+    // AVX-512 unpacking for codes of at most 8 bits (s <= 127).
+    const bool vector = ActiveIsa() == CpuIsa::kAvx512 && w <= 8;
     {
       // Validate every code (and the padding) before touching the output.
       uint32_t bad = 0;
       const uint32_t max_code = c.s << 1 | 1u;
-      for (size_t j = 0; j < n; ++j) {
+      size_t j = 0;
+#if defined(__x86_64__)
+      if (vector) {
+        bool vector_bad = false;
+        j = ValidateCodesAvx512(stream, stream + stream_bytes, n, w, max_code, &vector_bad);
+        bad = vector_bad ? 1u : 0u;
+      }
+#endif
+      for (; j < n; ++j) {
         const uint32_t v = code(j);
         bad |= (v > max_code) | (v == 1u);
       }
@@ -719,7 +790,14 @@ class DitheringCodec final : public Codec {
     for (size_t k = 0; k < m; ++k) {
       const size_t b0 = k * bucket, end = std::min(n, b0 + bucket);
       const Levels levels(c, internal::LoadF32(p + 4 * k));
-      for (size_t j = b0; j < end; ++j) {
+      size_t j = b0;
+#if defined(__x86_64__)
+      if (vector && !c.natural) {
+        j += DecodeLinearAvx512<kAccumulate>(stream, stream + stream_bytes, b0, end - b0, w, levels.step(),
+                                             alpha, dst + b0);
+      }
+#endif
+      for (; j < end; ++j) {
         const float val = levels.Value(code(j));
         if constexpr (kAccumulate) {
           dst[j] += alpha * val;
