@@ -59,7 +59,9 @@ inline double CanonicalSquareSumOf(const float* y, size_t n) {
 // A caller producing a chunk one segment at a time may call these on each
 // whole segment and add the results in segment order from +0.0: a single
 // segment's result is its total (+0.0 + total == total), so that equals one
-// call over the whole chunk.
+// call over the whole chunk. dithering's buckets (B <= 8192 elements) apply
+// the order to each bucket alone: one call per bucket, lanes relative to the
+// bucket's first element (for B = 8192, exactly segment k's total).
 
 // CanonicalSquareSumOf of y[i] = a[i] + b[i] (rounded to float) without
 // storing y: error feedback's norm of input + residual.

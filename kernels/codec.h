@@ -89,7 +89,8 @@ class Codec {
   // must equal input.size(). The default makes the three passes (e += input,
   // Compress, DecompressAccumulate with -1); codecs override it with fused
   // passes. On an output-size error nothing changes; on any other codec error
-  // the residual may hold input + e.
+  // the residual may hold input + e (dithering: up to one rounding in the
+  // buckets it quantised before the one it rejected; see codec_dithering.cc).
   virtual Result<size_t> CompressWithFeedback(std::span<const float> input, std::span<float> residual,
                                               FeedbackState& state, std::span<uint8_t> out,
                                               const CodecContext& ctx) const;

@@ -11,8 +11,9 @@
 //   key = {b2[0], b2[1]}, and block i = Philox({i lo, i hi, b2[2], b2[3]}, key)
 //   draw p = word (p % 4) of block (p / 4)
 // The two derivation blocks are computed once per stream; a draw then costs a
-// quarter of a block. `purpose` separates the streams of different codecs (and
-// of different uses within a codec) sharing one context.
+// quarter of a block. (dithering uses 16-bit draws: halfword j of this u32
+// stream, eight per block; see kernels/codec_dithering.cc.) `purpose` separates the streams of different
+// codecs (and of different uses within a codec) sharing one context.
 #pragma once
 
 #include <algorithm>
