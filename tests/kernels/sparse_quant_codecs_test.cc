@@ -578,6 +578,31 @@ TEST(Dithering, BucketsLayoutAndCorruption) {
   EXPECT_EQ(Decode(*whole, good, n), x);
 }
 
+// The encoders write whole 8-byte words while packing; none may land past
+// the encoded size (the caller's buffer may end there).
+TEST(Dithering, EncodersWriteNothingPastTheEncodedSize) {
+  for (const char* spec : {"dithering:s=1", "dithering:s=4", "dithering:s=16", "dithering:s=127,bucket=128",
+                           "dithering:s=16,bucket=0", "dithering:s=300", "dithering:levels=natural,s=8"}) {
+    auto codec = MustCreate(spec);
+    for (size_t n : {size_t{1}, size_t{15}, size_t{16}, size_t{17}, size_t{33}, size_t{1000}, size_t{1024},
+                     size_t{8192 + 24}, size_t{3 * 8192}}) {
+      const auto x = RandomNormal(n, static_cast<uint32_t>(n));
+      const size_t size = codec->MaxCompressedBytes(n);
+      std::vector<uint8_t> out(size + 16, 0xab);
+      auto written = codec->Compress(x, std::span(out).first(size), Ctx(1));
+      ASSERT_TRUE(written.ok()) << spec;
+      EXPECT_EQ(*written, size) << spec << " n=" << n;
+      for (size_t i = size; i < out.size(); ++i) ASSERT_EQ(out[i], 0xab) << spec << " n=" << n;
+      std::vector<float> e(n, 0.25f);
+      FeedbackState state;
+      std::fill(out.begin(), out.end(), 0xab);
+      written = codec->CompressWithFeedback(x, e, state, std::span(out).first(size), Ctx(2));
+      ASSERT_TRUE(written.ok()) << spec;
+      for (size_t i = size; i < out.size(); ++i) ASSERT_EQ(out[i], 0xab) << spec << " n=" << n << " (ef)";
+    }
+  }
+}
+
 // Buckets make the norm local: a bucket of small values next to one of large
 // values keeps its own resolution (here the small bucket decodes with 1/16 of
 // the error it gets against one norm for the chunk).
