@@ -40,6 +40,15 @@
 // (N concurrent copies), so ratio_to_memcpy compares like with like: it shows
 // whether a codec still keeps up with memory bandwidth once N cores share it.
 //
+// --split BYTES (with --threads N) measures ONE tensor of --size bytes split
+// the way the worker pipeline splits it (ZIPWIRE_PARTITION_BYTES): partitions
+// of BYTES, each compressed as its own chunk (its own chunk index, its own
+// error-feedback residual), dealt round-robin to the N threads as the
+// pipeline's compute pool takes them. Throughput is then bytes / wall time of
+// the whole tensor, and memcpy is split and timed the same way, so
+// `--threads 1 --split 4M` against `--threads N --split 4M` shows how a large
+// tensor's compression scales with threads.
+//
 // Codec specs come from a fixed list (ordered by family); specs that
 // CreateCodec rejects as unknown are skipped with a note, so the bench runs
 // with whatever codecs a build registers.
@@ -142,8 +151,9 @@ class CodecWork {
  public:
   // `input` must outlive this object.
   static Result<std::unique_ptr<CodecWork>> Create(std::shared_ptr<const Codec> codec,
-                                                   std::span<const float> input, uint64_t tensor_id) {
-    auto w = std::unique_ptr<CodecWork>(new CodecWork(std::move(codec), input, tensor_id));
+                                                   std::span<const float> input, uint64_t tensor_id,
+                                                   uint32_t chunk_index = 0) {
+    auto w = std::unique_ptr<CodecWork>(new CodecWork(std::move(codec), input, tensor_id, chunk_index));
     ZW_RETURN_IF_ERROR(w->Init());
     return w;
   }
@@ -171,11 +181,14 @@ class CodecWork {
   }
 
  private:
-  CodecWork(std::shared_ptr<const Codec> codec, std::span<const float> input, uint64_t tensor_id)
+  CodecWork(std::shared_ptr<const Codec> codec, std::span<const float> input, uint64_t tensor_id,
+            uint32_t chunk_index)
       : codec_(codec), ef_(std::move(codec)), input_(input) {
     ctx_.seed = 0x5eed;
     ctx_.tensor_id = tensor_id;
+    ctx_.chunk_index = chunk_index;
     key_.tensor_id = tensor_id;
+    key_.chunk_index = chunk_index;
   }
 
   Status Init() {
@@ -206,6 +219,7 @@ class CodecWork {
 struct Options {
   size_t bytes = 64u << 20;
   int threads = 1;
+  size_t split_bytes = 0;  // 0: each thread works on its own whole tensor
   std::string json_path;
   double min_time_s = 1.0;
   int min_reps = 5;
@@ -311,7 +325,7 @@ void Usage(const char* argv0) {
   std::fprintf(stderr,
                "usage: %s [--benchmark_* flags]                     Google Benchmark mode\n"
                "       %s --size BYTES [--threads N] [--json FILE]  summary mode\n"
-               "          [--min-time SECONDS] [--min-reps R] [--codecs 'spec;spec;...']\n",
+               "          [--split BYTES] [--min-time SECONDS] [--min-reps R] [--codecs 'spec;spec;...']\n",
                argv0, argv0);
 }
 
@@ -356,6 +370,12 @@ int ParseOptions(int argc, char** argv, Options* opt) {
         return kExitUsage;
       }
       opt->threads = static_cast<int>(t);
+    } else if (a == "--split") {
+      if ((v = value("--split")) == nullptr || !ParseSize(v, &opt->split_bytes) ||
+          opt->split_bytes < sizeof(float)) {
+        std::fprintf(stderr, "codec_bench: --split wants a partition size in bytes >= 4\n");
+        return kExitUsage;
+      }
     } else if (a == "--json") {
       if ((v = value("--json")) == nullptr) return kExitUsage;
       opt->json_path = v;
@@ -394,9 +414,10 @@ bool WriteJson(const std::string& path, double memcpy_gbps, const Options& opt,
   }
   // Spec strings are [a-z0-9_.:=,-]: nothing in them needs JSON escaping.
   std::fprintf(f,
-               "{\"memcpy_GBps\": %.6g, \"size_bytes\": %zu, \"threads\": %d, \"cpu_isa\": \"%s\", "
-               "\"results\": [",
-               memcpy_gbps, opt.bytes, opt.threads, kernels::CpuIsaName(kernels::ActiveIsa()));
+               "{\"memcpy_GBps\": %.6g, \"size_bytes\": %zu, \"threads\": %d, \"split_bytes\": %zu, "
+               "\"cpu_isa\": \"%s\", \"results\": [",
+               memcpy_gbps, opt.bytes, opt.threads, opt.split_bytes,
+               kernels::CpuIsaName(kernels::ActiveIsa()));
   for (size_t i = 0; i < rows.size(); ++i) {
     std::fprintf(f, "%s\n  {\"codec\": \"%s\", \"op\": \"%s\", \"GBps\": %.6g, \"ratio_to_memcpy\": %.6g}",
                  i == 0 ? "" : ",", rows[i].codec.c_str(), rows[i].op.c_str(), rows[i].gbps,
@@ -408,25 +429,62 @@ bool WriteJson(const std::string& path, double memcpy_gbps, const Options& opt,
   return ok;
 }
 
+// The part of a tensor one thread works on in one round: [offset, offset +
+// count) of input `tensor`, compressed as chunk `chunk`.
+struct Slice {
+  int tensor = 0;
+  size_t offset = 0;
+  size_t count = 0;
+  uint32_t chunk = 0;
+};
+
+// Without --split, thread t owns all of tensor t. With it, one tensor is cut
+// into partitions of split_bytes and partition i goes to thread i % threads.
+std::vector<std::vector<Slice>> PlanSlices(size_t n, const Options& opt) {
+  std::vector<std::vector<Slice>> plan(opt.threads);
+  if (opt.split_bytes == 0) {
+    for (int t = 0; t < opt.threads; ++t) plan[t].push_back({t, 0, n, 0});
+    return plan;
+  }
+  const size_t per = std::max<size_t>(1, opt.split_bytes / sizeof(float));
+  uint32_t chunk = 0;
+  for (size_t off = 0; off < n; off += per, ++chunk) {
+    plan[chunk % opt.threads].push_back({0, off, std::min(per, n - off), chunk});
+  }
+  return plan;
+}
+
 int RunSummary(const Options& opt) {
   const size_t n = opt.bytes / sizeof(float);
   const size_t bytes = n * sizeof(float);  // a size that is not a multiple of 4 rounds down
-  const double total_bytes = static_cast<double>(bytes) * opt.threads;
+  const bool split = opt.split_bytes != 0;
+  // Split: one tensor shared by the threads; otherwise one tensor each.
+  const int tensors = split ? 1 : opt.threads;
+  const double total_bytes = static_cast<double>(bytes) * tensors;
+  const std::vector<std::vector<Slice>> plan = PlanSlices(n, opt);
   auto gbps = [&](double seconds) { return total_bytes / seconds / 1e9; };
 
   std::printf(
       "codec_bench: %zu bytes (%zu floats) x %d thread(s), median of >= %d rounds and >= %.2g s per case, "
       "CPU kernels %s (ZIPWIRE_CPU_ISA)\n",
       bytes, n, opt.threads, opt.min_reps, opt.min_time_s, kernels::CpuIsaName(kernels::ActiveIsa()));
+  if (split) {
+    std::printf(
+        "codec_bench: --split: ONE tensor of %zu bytes in %zu partitions of <= %zu bytes over %d thread(s)\n",
+        bytes,
+        (n + std::max<size_t>(1, opt.split_bytes / sizeof(float)) - 1) /
+            std::max<size_t>(1, opt.split_bytes / sizeof(float)),
+        opt.split_bytes, opt.threads);
+  }
   std::fflush(stdout);
 
-  std::vector<std::vector<float>> inputs(opt.threads);
-  std::vector<std::vector<float>> dsts(opt.threads);
+  std::vector<std::vector<float>> inputs(tensors);
+  std::vector<std::vector<float>> dsts(tensors);
   {
     // Generated on the threads themselves so that each buffer's pages are
     // first touched (and placed) by the thread that uses them.
     std::vector<std::thread> gen;
-    for (int t = 0; t < opt.threads; ++t) {
+    for (int t = 0; t < tensors; ++t) {
       gen.emplace_back([&, t] {
         inputs[t] = NormalInput(n, static_cast<uint64_t>(t) + 1);
         dsts[t].assign(n, 0.0f);
@@ -439,8 +497,11 @@ int RunSummary(const Options& opt) {
   std::vector<Row> rows;
 
   const Team::Job memcpy_job = [&](int t, uint64_t) {
-    std::memcpy(dsts[t].data(), inputs[t].data(), bytes);
-    benchmark::DoNotOptimize(dsts[t].data());
+    for (const Slice& sl : plan[t]) {
+      std::memcpy(dsts[sl.tensor].data() + sl.offset, inputs[sl.tensor].data() + sl.offset,
+                  sl.count * sizeof(float));
+    }
+    benchmark::DoNotOptimize(dsts[0].data());
     return Status::Ok();
   };
   // memcpy runs before and after the codecs and the reference is the median of
@@ -471,14 +532,19 @@ int RunSummary(const Options& opt) {
       continue;
     }
     std::shared_ptr<const Codec> codec(std::move(made).value());
-    std::vector<std::unique_ptr<CodecWork>> work(opt.threads);
+    // work[t][i]: thread t's slice i, with its own buffers and EF residual.
+    std::vector<std::vector<std::unique_ptr<CodecWork>>> work(opt.threads);
     Status setup;
     for (int t = 0; t < opt.threads && setup.ok(); ++t) {
-      auto w = CodecWork::Create(codec, inputs[t], static_cast<uint64_t>(t));
-      if (w.ok()) {
-        work[t] = std::move(w).value();
-      } else {
-        setup = w.status();
+      for (const Slice& sl : plan[t]) {
+        auto w =
+            CodecWork::Create(codec, std::span<const float>(inputs[sl.tensor]).subspan(sl.offset, sl.count),
+                              static_cast<uint64_t>(sl.tensor), sl.chunk);
+        if (!w.ok()) {
+          setup = w.status();
+          break;
+        }
+        work[t].push_back(std::move(w).value());
       }
     }
     if (!setup.ok()) {
@@ -487,7 +553,10 @@ int RunSummary(const Options& opt) {
       continue;
     }
     for (Op op : kOps) {
-      const Team::Job job = [&](int t, uint64_t round) { return work[t]->Run(op, round); };
+      const Team::Job job = [&](int t, uint64_t round) {
+        for (auto& w : work[t]) ZW_RETURN_IF_ERROR(w->Run(op, round));
+        return Status::Ok();
+      };
       auto s = MedianSeconds(team, job, opt);
       if (!s.ok()) {
         std::fprintf(stderr, "codec_bench: %s %s failed: %s\n", spec.c_str(), OpName(op),
@@ -502,8 +571,12 @@ int RunSummary(const Options& opt) {
 
   std::vector<std::vector<float>> scratch(opt.threads);
   std::vector<float> sink(opt.threads);
+  // Split: the baseline selects per partition too, as topk does per chunk.
   const Team::Job nth_job = [&](int t, uint64_t) {
-    sink[t] = NthElementTopk(inputs[t], scratch[t]);
+    for (const Slice& sl : plan[t]) {
+      sink[t] +=
+          NthElementTopk(std::span<const float>(inputs[sl.tensor]).subspan(sl.offset, sl.count), scratch[t]);
+    }
     benchmark::DoNotOptimize(sink[t]);
     return Status::Ok();
   };
@@ -598,7 +671,7 @@ bool WantsSummary(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--size" || a == "--threads" || a == "--json" || a == "--min-time" || a == "--min-reps" ||
-        a == "--codecs" || a == "--help" || a == "-h") {
+        a == "--codecs" || a == "--split" || a == "--help" || a == "-h") {
       return true;
     }
   }
