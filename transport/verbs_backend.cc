@@ -100,6 +100,7 @@
 #include "transport/backend_util.h"
 #include "transport/gpu_memory.h"
 #include "transport/registration_cache.h"
+#include "transport/verbs_cm.h"
 
 namespace zipwire::transport {
 namespace {
@@ -361,7 +362,10 @@ class VerbsBackend final : public Backend {
               std::chrono::microseconds idle_progress, size_t reg_cache_entries);
 
   const Capabilities& capabilities() const override { return caps_; }
-  void SetLocalRank(PeerId self) override { self_.store(self); }
+  void SetLocalRank(PeerId self) override {
+    self_.store(self);
+    if (cm_) cm_->SetLocalRank(self);
+  }
   Result<std::string> Listen() override;
   Status Connect(PeerId peer, const std::string& address) override;
   Result<MemoryRegion> RegisterMemory(void* addr, size_t length, MemoryKind kind) override;
@@ -386,6 +390,11 @@ class VerbsBackend final : public Backend {
   void FillHello(const Conn& c, Hello* h) const;
   void DestroyConn(Conn* c);
   void HandleAccept(int fd, std::string address);
+  // rdma_cm (ZIPWIRE_IB_CM=rdmacm; verbs_cm.h does the connecting).
+  Status ConnectCm(PeerId peer, const std::string& address);
+  Result<verbs_cm::Hooks::Accepted> CmAccept(PeerId rank, uint32_t nqps, const std::string& address);
+  void CmEstablished(Conn* c, ibv_mtu mtu);
+  void CmFailed(Conn* c, const Status& st);
   // Progress (mu_ held).
   size_t ProgressLocked(bool flush_acks = false);
   void HandleWc(const ibv_wc& wc);
@@ -455,6 +464,7 @@ class VerbsBackend final : public Backend {
   std::atomic<int> pollers_{0};              // threads inside Poll (they make progress themselves)
   std::atomic<uint64_t> helper_fds_gen_{0};  // bumped when the helper's fd set changes
   std::mt19937 rng_{std::random_device{}()};
+  std::unique_ptr<verbs_cm::Manager> cm_;  // set: QPs connect through rdma_cm, not the side channel
 };
 
 // ---------------------------------------------------------------------------
@@ -467,6 +477,10 @@ Status VerbsBackend::Init(uint32_t nqps, uint64_t stripe_bytes, std::chrono::mic
   spin_ = spin;
   idle_progress_ = idle_progress;
   ZW_ASSIGN_OR_RETURN(std::string want, EnvString("IB_DEVICE", ""));
+  ZW_ASSIGN_OR_RETURN(const verbs_cm::CmMode cm_mode, verbs_cm::CmModeFromEnv());
+  // rdma_cm: the device is the one the listen address is on, unless named.
+  if (cm_mode == verbs_cm::CmMode::kRdmaCm && want.empty())
+    want = verbs_cm::DeviceForAddress(options_.listen_host);
   int n = 0;
   ibv_device** list = ibv_get_device_list(&n);
   if (list == nullptr || n == 0) {
@@ -556,6 +570,18 @@ Status VerbsBackend::Init(uint32_t nqps, uint64_t stripe_bytes, std::chrono::mic
       ZW_LOG(kInfo, "verbs: registration cache off: " << frames.status().message());
     }
   }
+  if (cm_mode == verbs_cm::CmMode::kRdmaCm) {
+    verbs_cm::Hooks hooks;
+    hooks.accept = [this](PeerId rank, uint32_t nqps, const std::string& address) {
+      return CmAccept(rank, nqps, address);
+    };
+    hooks.established = [this](void* c, ibv_mtu mtu) { CmEstablished(static_cast<Conn*>(c), mtu); };
+    hooks.failed = [this](void* c, const Status& st) { CmFailed(static_cast<Conn*>(c), st); };
+    verbs_cm::QpTuning tuning;
+    tuning.rd_atomic = static_cast<uint8_t>(rd_atomic_);
+    ZW_ASSIGN_OR_RETURN(
+        cm_, verbs_cm::Manager::Create(device_name_, kWireVersion, self_.load(), tuning, std::move(hooks)));
+  }
   Touch();
   helper_ = std::thread([this] { HelperLoop(); });
   ZW_LOG(kDebug, "verbs: " << device_name_ << " gid[" << gid_index_ << "]=" << GidString(gid_.raw)
@@ -565,6 +591,7 @@ Status VerbsBackend::Init(uint32_t nqps, uint64_t stripe_bytes, std::chrono::mic
 
 VerbsBackend::~VerbsBackend() {
   Close();
+  cm_.reset();
   for (auto& c : conns_) DestroyConn(c.get());
   conns_.clear();  // releases the registrations queued operations held
   regions_.clear();
@@ -739,6 +766,7 @@ Result<std::string> VerbsBackend::Listen() {
   if (closed_) return Cancelled("verbs backend closed");
   if (listen_fd_ >= 0) return FailedPrecondition("verbs backend already listening on " + listen_address_);
   lk.unlock();
+  if (cm_) return cm_->Listen(options_.listen_host, options_.listen_port);
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -876,6 +904,7 @@ Status VerbsBackend::Connect(PeerId peer, const std::string& address) {
                     "peer " + std::to_string(peer) + " is already connected (" + it->second->address + ")");
     }
   }
+  if (cm_) return ConnectCm(peer, address);
   size_t colon = address.rfind(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 == address.size()) {
     return InvalidArgument("Connect: address '" + address + "' is not host:port");
@@ -986,6 +1015,98 @@ Status VerbsBackend::Connect(PeerId peer, const std::string& address) {
   uint64_t one64 = 1;
   [[maybe_unused]] ssize_t w = ::write(helper_wake_fd_, &one64, 8);
   return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------
+// rdma_cm (verbs_cm.h): the same Conn and QPs, connected by the manager.
+
+Status VerbsBackend::ConnectCm(PeerId peer, const std::string& address) {
+  const auto deadline = Clock::now() + options_.connect_timeout;
+  ZW_ASSIGN_OR_RETURN(std::unique_ptr<Conn> c, NewConn(peer, address, nqps_));
+  std::vector<ibv_qp*> qps;
+  for (auto& q : c->qps) qps.push_back(q->qp);
+  auto made = cm_->Connect(c.get(), peer, address, qps, deadline);
+  std::lock_guard lk(mu_);
+  if (made.ok() && made->refused.empty() && closed_) {
+    cm_->Disconnect(c.get());
+    made = Cancelled("verbs backend closed");
+  }
+  if (!made.ok()) {
+    for (auto& q : c->qps) qp_by_uid_.erase(q->uid);
+    DestroyConn(c.get());
+    conns_.push_back(std::move(c));  // keep: the CQ may still name its QPs
+    return made.status();
+  }
+  if (!made->refused.empty()) {
+    // As on the socket path: the refusal surfaces as kPeerClosed.
+    FailLocked(c.get(), PeerClosed(c->Name() + " refused the connection: " + made->refused), true);
+  } else {
+    c->mtu_bytes = 128u << made->mtu;  // IBV_MTU_256 = 1
+    c->established = c->open = true;
+  }
+  by_peer_[peer] = c.get();
+  conns_.push_back(std::move(c));
+  return Status::Ok();
+}
+
+// The manager's thread, for a peer's connect request: a Conn, pending
+// (neither open nor established) until every QP is connected.
+Result<verbs_cm::Hooks::Accepted> VerbsBackend::CmAccept(PeerId rank, uint32_t nqps,
+                                                         const std::string& address) {
+  if (nqps == 0 || nqps > kVerbsMaxQps) return InvalidArgument("bad QP count " + std::to_string(nqps));
+  {
+    std::lock_guard lk(mu_);
+    if (closed_) return Cancelled("verbs backend closed");
+    auto it = by_peer_.find(rank);
+    if (it != by_peer_.end() && it->second->open) {
+      return Status(StatusCode::kAlreadyExists, "duplicate rank " + std::to_string(rank) +
+                                                    " (already connected via " + it->second->address + ")");
+    }
+  }
+  ZW_ASSIGN_OR_RETURN(std::unique_ptr<Conn> c, NewConn(rank, address, nqps));
+  verbs_cm::Hooks::Accepted out;
+  out.token = c.get();
+  for (auto& q : c->qps) out.qps.push_back(q->qp);
+  std::lock_guard lk(mu_);
+  conns_.push_back(std::move(c));
+  return out;
+}
+
+void VerbsBackend::CmEstablished(Conn* c, ibv_mtu mtu) {
+  {
+    std::lock_guard lk(mu_);
+    auto it = by_peer_.find(c->peer);
+    if (closed_ || (it != by_peer_.end() && it->second->open)) {  // closing, or lost a duplicate race
+      FailLocked(c, closed_ ? Cancelled("verbs backend closed") : PeerClosed("duplicate rank"), false);
+      return;
+    }
+    c->mtu_bytes = 128u << mtu;
+    c->established = c->open = true;
+    by_peer_[c->peer] = c;
+    Completion up;
+    up.type = CompletionType::kPeerConnected;
+    up.peer = c->peer;
+    Push(std::move(up));
+  }
+  WakePollers();
+}
+
+// A disconnect (the peer closed or died) or a failed setup: like EOF on the
+// socket path's side channel.
+void VerbsBackend::CmFailed(Conn* c, const Status& st) {
+  {
+    std::lock_guard lk(mu_);
+    if (!c->established) {  // never reported: release it quietly
+      ZW_LOG(kWarn, "verbs: " << c->Name() << " " << st.message());
+      for (auto& q : c->qps) qp_by_uid_.erase(q->uid);
+      DestroyConn(c);
+      c->established = true;
+      return;
+    }
+    ProgressLocked();  // anything in the CQ from this peer (acks above all) counts first
+    if (c->open) FailLocked(c, PeerClosed(c->Name() + " " + st.message()), true);
+  }
+  WakePollers();
 }
 
 // ---------------------------------------------------------------------------
@@ -1766,6 +1887,7 @@ void VerbsBackend::FailLocked(Conn* c, const Status& st, bool emit_peer_error) {
     ibv_modify_qp(q->qp, &a, IBV_QP_STATE);  // flushes what is outstanding
   }
   if (c->side_fd >= 0) ::shutdown(c->side_fd, SHUT_RDWR);  // the peer notices at once
+  if (cm_) cm_->Disconnect(c);                             // likewise (RDMA_CM_EVENT_DISCONNECTED)
   for (const Unacked& u : c->unacked) {
     Completion done;
     done.type = u.type == kMeta ? CompletionType::kWriteDone : CompletionType::kSendDone;
@@ -1897,6 +2019,7 @@ void VerbsBackend::Close() {
   uint64_t one = 1;
   [[maybe_unused]] ssize_t w = ::write(helper_wake_fd_, &one, 8);
   if (helper_.joinable()) helper_.join();
+  if (cm_) cm_->Close();  // no hook runs after this
   std::lock_guard lk(mu_);
   if (listen_fd_ >= 0) ::close(listen_fd_);
   listen_fd_ = -1;

@@ -7,6 +7,7 @@
 #include <boost/asio.hpp>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -82,8 +83,18 @@ void FillRandom(std::vector<uint8_t>& v, uint32_t seed) {
 }
 
 // A test parameter names a backend, or a backend on a chosen path:
-// "ucx" is UCX over tcp (UCX_TLS=tcp), "ucx_shm" UCX over shared memory.
-std::string BackendOf(const std::string& param) { return param == "ucx_shm" ? "ucx" : param; }
+// "ucx" is UCX over tcp (UCX_TLS=tcp), "ucx_shm" UCX over shared memory;
+// "verbs_rdmacm" is verbs with its QPs connected through rdma_cm
+// (ZIPWIRE_IB_CM=rdmacm) instead of its TCP side channel.
+std::string BackendOf(const std::string& param) {
+  if (param == "ucx_shm") return "ucx";
+  if (param == "verbs_rdmacm") return "verbs";
+  return param;
+}
+
+// rdma_cm needs an address on an RDMA device's netdev (not loopback): the
+// soft-RoCE guest's checks.sh names rxe0's.
+const char* RdmaCmHost() { return std::getenv("ZIPWIRE_TEST_RDMACM_HOST"); }
 
 class BackendTest : public ::testing::TestWithParam<std::string> {
  protected:
@@ -96,6 +107,12 @@ class BackendTest : public ::testing::TestWithParam<std::string> {
       setenv("UCX_TLS", "posix,sysv,cma,self", /*overwrite=*/1);
     }
     BackendOptions opts;
+    if (GetParam() == "verbs_rdmacm") {
+      setenv("ZIPWIRE_IB_CM", "rdmacm", /*overwrite=*/1);
+      opts.listen_host = RdmaCmHost();
+    } else if (GetParam() == "verbs") {
+      unsetenv("ZIPWIRE_IB_CM");
+    }
     opts.self = rank;
     opts.connect_timeout = connect_timeout;
     auto made = CreateBackend(BackendOf(GetParam()), opts);
@@ -109,9 +126,13 @@ class BackendTest : public ::testing::TestWithParam<std::string> {
   // Rank 0 (a) connects to rank 1 (b), which listens.
   void SetUp() override {
 #ifdef ZIPWIRE_HAVE_VERBS
-    if (GetParam() == "verbs" && VerbsDeviceCount() == 0) {
+    if ((GetParam() == "verbs" || GetParam() == "verbs_rdmacm") && VerbsDeviceCount() == 0) {
       GTEST_SKIP() << "no RDMA device (ibv_get_device_list is empty); the verbs backend runs in the "
                       "soft-RoCE guest: ctest -L softroce";
+    }
+    if (GetParam() == "verbs_rdmacm" && RdmaCmHost() == nullptr) {
+      GTEST_SKIP() << "ZIPWIRE_TEST_RDMACM_HOST (an address on an RDMA device's netdev) is unset; "
+                      "tests/softroce/checks.sh sets it in the soft-RoCE guest";
     }
 #endif
     a_.backend = Make(0);
@@ -538,7 +559,9 @@ TEST_P(BackendTest, ConnectToDeadPortIsUnavailable) {
   probe.close();
   auto c = Make(2, 300ms);
   ASSERT_TRUE(c);
-  std::string addr = "127.0.0.1:" + std::to_string(port);
+  // rdma_cm: the same unused port number, in rdma_cm's port space on the device's address.
+  const std::string host = GetParam() == "verbs_rdmacm" ? RdmaCmHost() : "127.0.0.1";
+  std::string addr = host + ":" + std::to_string(port);
   Status st = c->Connect(1, addr);
   EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st.ToString();
   EXPECT_NE(st.message().find(addr), std::string::npos) << st.ToString();
@@ -885,6 +908,9 @@ std::vector<std::string> TestBackends() {
 #endif
 #ifdef ZIPWIRE_HAVE_VERBS
   names.push_back("verbs");
+#endif
+#ifdef ZIPWIRE_HAVE_RDMACM
+  names.push_back("verbs_rdmacm");
 #endif
   return names;
 }
