@@ -2001,8 +2001,9 @@ void VerbsBackend::Close() {
     if (closed_) return;
     closed_ = true;
     // Best effort: acknowledge what already arrived, so peers' writes that
-    // did land here are not reported as failed.
-    ProgressLocked();
+    // did land here are not reported as failed. (No CQ: Init failed, and the
+    // destructor is closing a backend that never was.)
+    if (cq_ != nullptr) ProgressLocked();
     for (auto& c : conns_) {
       if (c->open && c->rx_seq > c->ack_sent && CanPostMessage(c.get(), 0)) {
         Header h;
