@@ -8,6 +8,9 @@
 // side can post to a QP whose peer is not yet ready. The side channel stays
 // open for the connection's life; EOF on it is how a closed or dead peer is
 // noticed at once (RC retry exhaustion is the backstop, kPeerClosed too).
+// With ZIPWIRE_IB_CM=rdmacm the same QPs are connected through rdma_cm
+// instead (verbs_cm.h: one cm_id per QP, private data for the rank), and
+// RDMA_CM_EVENT_DISCONNECTED plays the side channel's EOF.
 //
 // Data path. All two-sided traffic is SENDs on QP 0 into a ring of posted
 // receive buffers, each starting with a 40-byte header laid out like the tcp

@@ -7,6 +7,7 @@
 #include <boost/asio.hpp>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -435,8 +436,9 @@ class PendingOpsTest : public BackendTest {
 
 // The target goes away with the initiator's operations in flight: each one
 // completes exactly once with a status, the peer is reported, later posts
-// fail at once, and nothing hangs.
-void RunPeerLoss(Node& a, Node& b, bool destroy) {
+// fail at once, and nothing hangs. `cause`, where given, must appear in the
+// peer error (how the loss was noticed).
+void RunPeerLoss(Node& a, Node& b, bool destroy, const std::string& cause = "") {
   constexpr int kOps = 64;
   constexpr size_t kChunk = 1 << 20;
   std::vector<uint8_t> src(kOps * kChunk, 1), dst(kOps * kChunk);
@@ -464,6 +466,7 @@ void RunPeerLoss(Node& a, Node& b, bool destroy) {
     if (c.type == CompletionType::kPeerError) {
       EXPECT_EQ(c.peer, 1u);
       EXPECT_EQ(c.status.code(), StatusCode::kPeerClosed) << c.status.ToString();
+      EXPECT_NE(c.status.message().find(cause), std::string::npos) << c.status.ToString();
       continue;
     }
     EXPECT_TRUE(ctx.insert(c.context).second) << "completed twice: " << c.context;
@@ -483,9 +486,19 @@ void RunPeerLoss(Node& a, Node& b, bool destroy) {
   EXPECT_EQ(a.got.size(), before);
 }
 
-TEST_P(PendingOpsTest, PeerCloseFailsPendingOperations) { RunPeerLoss(a_, b_, /*destroy=*/false); }
+// rdma_cm: the peer's DISCONNECTED event is what reports the loss (at once,
+// not after RC retries run out).
+std::string LossCause(const std::string& param) {
+  return param == "verbs_rdmacm" ? "disconnected (rdma_cm" : "";
+}
 
-TEST_P(PendingOpsTest, PeerDestroyFailsPendingOperations) { RunPeerLoss(a_, b_, /*destroy=*/true); }
+TEST_P(PendingOpsTest, PeerCloseFailsPendingOperations) {
+  RunPeerLoss(a_, b_, /*destroy=*/false, LossCause(GetParam()));
+}
+
+TEST_P(PendingOpsTest, PeerDestroyFailsPendingOperations) {
+  RunPeerLoss(a_, b_, /*destroy=*/true, LossCause(GetParam()));
+}
 
 TEST_P(PendingOpsTest, LocalCloseCancelsPendingOperations) {
   constexpr int kOps = 64;
@@ -566,6 +579,19 @@ TEST_P(BackendTest, ConnectToDeadPortIsUnavailable) {
   EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st.ToString();
   EXPECT_NE(st.message().find(addr), std::string::npos) << st.ToString();
   EXPECT_EQ(c->Connect(1, "no-port-here").code(), StatusCode::kInvalidArgument);
+}
+
+// rdma_cm: an address no RDMA device reaches (loopback) is refused with a
+// status that says so, within the connect timeout.
+TEST_P(BackendTest, RdmaCmAddressWithoutDeviceIsUnavailable) {
+  if (GetParam() != "verbs_rdmacm") GTEST_SKIP() << "rdma_cm only";
+  auto c = Make(2, 2000ms);
+  ASSERT_TRUE(c);
+  Status st = c->Connect(1, "127.0.0.1:4791");
+  EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st.ToString();
+  EXPECT_NE(st.message().find("rdma_cm"), std::string::npos) << st.ToString();
+  EXPECT_NE(st.message().find("127.0.0.1:4791"), std::string::npos) << st.ToString();
+  std::printf("loopback connect: %s\n", st.ToString().c_str());  // the wording, for the log
 }
 
 TEST_P(BackendTest, CudaMemoryNotSupported) {
