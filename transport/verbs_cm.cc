@@ -390,14 +390,24 @@ Result<Manager::Connected> ManagerImpl::Connect(void* token, PeerId peer, const 
         break;
       }
       rdma_cm_id* id = ids[i];
-      // Address: which device and port reach the peer.
-      if (rdma_resolve_addr(id, nullptr, reinterpret_cast<sockaddr*>(sa->data()), ms_left()) != 0) {
+      // Address: which device and port reach the peer. The kernel looks at a
+      // neighbour entry still being resolved (ARP) again only when its
+      // timeout expires, so a short timeout, retried, beats one long one: a
+      // cold neighbour otherwise costs the whole connect timeout.
+      if (rdma_resolve_addr(id, nullptr, reinterpret_cast<sockaddr*>(sa->data()), std::min(ms_left(), 500)) !=
+          0) {
         st = Unavailable("rdma_cm cannot resolve " + who + ": " + ErrnoText(errno));
         break;
       }
       auto ev = WaitEvent(ch.get(), deadline);
       if (!ev.ok()) {
         st = Unavailable("rdma_cm address resolution for " + who + ": " + ev.status().message());
+        break;
+      }
+      if (ev->type == RDMA_CM_EVENT_ADDR_ERROR && (ev->status == -ETIMEDOUT || ev->status == -ENODATA)) {
+        last = "address resolution timed out (no neighbour answer for " + host + ")";
+        retry = i == 0;  // later QPs' ids follow QP 0's, already connected: no way back
+        if (!retry) st = Unavailable("rdma_cm connect to " + who + " QP " + std::to_string(i) + ": " + last);
         break;
       }
       if (ev->type != RDMA_CM_EVENT_ADDR_RESOLVED) {
