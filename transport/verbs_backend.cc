@@ -329,6 +329,10 @@ struct Conn {
   std::deque<Unacked> unacked;
   std::deque<Nack> peer_nacks;
   std::deque<std::unique_ptr<Op>> reads;  // fully posted PostReads, in completion order (QP 0)
+  // Completions that came before the connection was opened (a peer may post
+  // the moment its side is up); replayed by OpenLocked after kPeerConnected,
+  // so nothing is lost or reordered.
+  std::vector<ibv_wc> early;
   std::unordered_map<uint64_t, RemoteInfo> remote;
   // Target side.
   uint64_t rx_seq = 0;
@@ -393,6 +397,8 @@ class VerbsBackend final : public Backend {
   void FillHello(const Conn& c, Hello* h) const;
   void DestroyConn(Conn* c);
   void HandleAccept(int fd, std::string address);
+  // A connection is up: open it, report it (listener side), replay its early completions.
+  void OpenLocked(Conn* c, bool report);
   // rdma_cm (ZIPWIRE_IB_CM=rdmacm; verbs_cm.h does the connecting).
   Status ConnectCm(PeerId peer, const std::string& address);
   Result<verbs_cm::Hooks::Accepted> CmAccept(PeerId rank, uint32_t nqps, const std::string& address);
@@ -883,13 +889,20 @@ void VerbsBackend::HandleAccept(int fd, std::string address) {
     return;
   }
   c->side_fd = fd;
-  c->established = c->open = true;
-  by_peer_[in.rank] = c.get();
   conns_.push_back(std::move(c));
-  Completion up;
-  up.type = CompletionType::kPeerConnected;
-  up.peer = in.rank;
-  Push(std::move(up));
+  OpenLocked(conns_.back().get(), /*report=*/true);
+}
+
+void VerbsBackend::OpenLocked(Conn* c, bool report) {
+  c->established = c->open = true;
+  by_peer_[c->peer] = c;
+  if (report) {
+    Completion up;
+    up.type = CompletionType::kPeerConnected;
+    up.peer = c->peer;
+    Push(std::move(up));
+  }
+  for (const ibv_wc& wc : std::exchange(c->early, {})) HandleWc(wc);
 }
 
 Status VerbsBackend::Connect(PeerId peer, const std::string& address) {
@@ -1011,9 +1024,8 @@ Status VerbsBackend::Connect(PeerId peer, const std::string& address) {
     return st;
   }
   c->side_fd = fd;
-  c->established = c->open = true;
-  by_peer_[peer] = c.get();
   conns_.push_back(std::move(c));
+  OpenLocked(conns_.back().get(), /*report=*/false);
   helper_fds_gen_.fetch_add(1);
   uint64_t one64 = 1;
   [[maybe_unused]] ssize_t w = ::write(helper_wake_fd_, &one64, 8);
@@ -1043,12 +1055,13 @@ Status VerbsBackend::ConnectCm(PeerId peer, const std::string& address) {
   if (!made->refused.empty()) {
     // As on the socket path: the refusal surfaces as kPeerClosed.
     FailLocked(c.get(), PeerClosed(c->Name() + " refused the connection: " + made->refused), true);
-  } else {
-    c->mtu_bytes = 128u << made->mtu;  // IBV_MTU_256 = 1
-    c->established = c->open = true;
+    by_peer_[peer] = c.get();
+    conns_.push_back(std::move(c));
+    return Status::Ok();
   }
-  by_peer_[peer] = c.get();
+  c->mtu_bytes = 128u << made->mtu;  // IBV_MTU_256 = 1
   conns_.push_back(std::move(c));
+  OpenLocked(conns_.back().get(), /*report=*/false);
   return Status::Ok();
 }
 
@@ -1084,12 +1097,7 @@ void VerbsBackend::CmEstablished(Conn* c, ibv_mtu mtu) {
       return;
     }
     c->mtu_bytes = 128u << mtu;
-    c->established = c->open = true;
-    by_peer_[c->peer] = c;
-    Completion up;
-    up.type = CompletionType::kPeerConnected;
-    up.peer = c->peer;
-    Push(std::move(up));
+    OpenLocked(c, /*report=*/true);
   }
   WakePollers();
 }
@@ -1712,7 +1720,10 @@ void VerbsBackend::HandleWc(const ibv_wc& wc) {
   if (it == qp_by_uid_.end()) return;  // a QP of a connection torn down
   Qp* q = it->second;
   Conn* c = q->conn;
-  if (!c->open) return;  // flushes after a failure
+  if (!c->open) {
+    if (!c->established) c->early.push_back(wc);  // not reported yet (rare; see Conn::early)
+    return;                                       // else: flushes after a failure
+  }
   if (wc.status != IBV_WC_SUCCESS) {
     const bool gone = wc.status == IBV_WC_RETRY_EXC_ERR || wc.status == IBV_WC_RNR_RETRY_EXC_ERR ||
                       wc.status == IBV_WC_WR_FLUSH_ERR;

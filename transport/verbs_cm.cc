@@ -234,9 +234,9 @@ class ManagerImpl final : public Manager {
     uint64_t nonce = 0;
     std::vector<rdma_cm_id*> ids;
     std::vector<ibv_qp*> qps;
-    uint32_t established = 0;
+    uint32_t accepted = 0;  // listener: QPs accepted so far
     ibv_mtu mtu = IBV_MTU_4096;
-    bool up = false;      // every QP established
+    bool up = false;      // every QP connected (reported through the established hook)
     bool failed = false;  // reported through the failed hook (at most once)
     Clock::time_point started;
   };
@@ -526,7 +526,7 @@ Result<Manager::Connected> ManagerImpl::Connect(void* token, PeerId peer, const 
   c.rank = peer;
   c.ids = ids;
   c.qps = qps;
-  c.established = n;
+  c.accepted = n;
   c.up = true;
   c.mtu = out.mtu;
   for (rdma_cm_id* id : ids) token_of_[id] = token;
@@ -648,9 +648,23 @@ void ManagerImpl::OnRequest(const Event& ev) {
     rdma_reject(id, data.data(), static_cast<uint8_t>(data.size()));
     return FailToken(token, IoError("accept failed (rdma_cm): " + st.message()));
   }
-  std::lock_guard lk(mu_);
-  Conn& c = conns_[token];
-  c.mtu = std::min(c.mtu, mtu);
+  // Up once every QP is accepted (RTS here), not at ESTABLISHED: the
+  // connector may post as soon as its last rdma_establish returns, before
+  // our ESTABLISHED event is read, and the backend drops what arrives for a
+  // connection it has not yet opened. Were we to post first instead, a packet
+  // reaching the connector's QP before its RTR is only retransmitted (RC).
+  bool now_up = false;
+  {
+    std::lock_guard lk(mu_);
+    Conn& c = conns_[token];
+    c.mtu = std::min(c.mtu, mtu);
+    if (!c.failed && ++c.accepted == c.ids.size()) {
+      now_up = c.up = true;
+      groups_.erase({c.rank, c.nonce});
+      mtu = c.mtu;
+    }
+  }
+  if (now_up) hooks_.established(token, mtu);
 }
 
 void ManagerImpl::Loop() {
@@ -665,27 +679,13 @@ void ManagerImpl::Loop() {
         continue;
       }
       void* token = nullptr;
-      bool now_up = false;
-      ibv_mtu mtu = IBV_MTU_4096;
       {
         std::lock_guard lk(mu_);
         auto t = token_of_.find(ev.id);
         if (t == token_of_.end()) continue;  // a refused request's id, or the listener's
         token = t->second;
-        Conn& c = conns_[token];
-        if (ev.type == RDMA_CM_EVENT_ESTABLISHED && !c.up && !c.failed) {
-          now_up = ++c.established == c.ids.size();
-          if (now_up) {
-            c.up = true;
-            groups_.erase({c.rank, c.nonce});
-            mtu = c.mtu;
-          }
-        }
       }
       switch (ev.type) {
-        case RDMA_CM_EVENT_ESTABLISHED:
-          if (now_up) hooks_.established(token, mtu);
-          break;
         case RDMA_CM_EVENT_DISCONNECTED:
           FailToken(token, PeerClosed("disconnected (rdma_cm: the peer closed, or its process ended)"));
           break;
@@ -700,7 +700,7 @@ void ManagerImpl::Loop() {
                                ", status " + std::to_string(ev.status) + ")"));
           break;
         default:
-          break;  // TIMEWAIT_EXIT, ADDR_CHANGE: nothing to do
+          break;  // ESTABLISHED (up already), TIMEWAIT_EXIT, ADDR_CHANGE: nothing to do
       }
     }
     // A listener's half-made group (a connector that died between QPs) is bounded.

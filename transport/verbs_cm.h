@@ -11,8 +11,10 @@
 //              RTR, RTS from rdma_init_qp_attr -> rdma_establish
 //   listener:  rdma_bind_addr + rdma_listen; CONNECT_REQUEST -> (device check,
 //              the backend makes the QPs on the group's first request) ->
-//              RTR, RTS from rdma_init_qp_attr -> rdma_accept(qp_num) ->
-//              ESTABLISHED on every QP of the group -> the peer is connected.
+//              RTR, RTS from rdma_init_qp_attr -> rdma_accept(qp_num); once
+//              every QP of the group is accepted the peer is connected (not at
+//              ESTABLISHED: the connector may post as soon as its last
+//              rdma_establish returns, before that event is read here).
 // Since the ids carry no QP (id->qp is null), librdmacm touches no QP: the
 // transitions are ours, with the attributes rdma_cm computed (path, GID,
 // PSNs, MTU) and the backend's own retry/RNR/timeout/rd_atomic choices on top.

@@ -581,6 +581,37 @@ TEST_P(BackendTest, ConnectToDeadPortIsUnavailable) {
   EXPECT_EQ(c->Connect(1, "no-port-here").code(), StatusCode::kInvalidArgument);
 }
 
+// A node that posts the moment Connect returns, before the listener has
+// polled (or reported the peer), loses nothing: the message and the write
+// arrive, after the listener's kPeerConnected for that peer.
+TEST_P(BackendTest, PostRightAfterConnectArrives) {
+  Node c{Make(2), {}};
+  ASSERT_TRUE(c.backend);
+  std::vector<uint8_t> src(4096, 7), dst(4096, 0);
+  auto ls = c.backend->RegisterMemory(src.data(), src.size(), MemoryKind::kHost);
+  MemoryRegion rd = Register(b_, dst);
+  ASSERT_TRUE(ls.ok());
+  ASSERT_TRUE(c.backend->Connect(1, b_address_).ok());
+  const uint8_t hello[5] = {'h', 'e', 'l', 'l', 'o'};
+  ASSERT_TRUE(c.backend->PostSend(1, hello, 1).ok());
+  ASSERT_TRUE(c.backend->PostWrite(1, *ls, 0, ToRemote(rd), 0, src.size(), 77, 2).ok());
+  ASSERT_TRUE(PumpUntil({&c, &b_}, [&] {
+    return b_.Count(CompletionType::kRecvMessage) == 1 && b_.Count(CompletionType::kWriteImm) == 1 &&
+           c.Count(CompletionType::kWriteDone) == 1;
+  }));
+  bool connected_first = false;
+  for (const auto& e : b_.got) {
+    if (e.type == CompletionType::kPeerConnected && e.peer == 2) connected_first = true;
+    if (e.type == CompletionType::kRecvMessage) {
+      EXPECT_TRUE(connected_first) << "a message from peer 2 came before its kPeerConnected";
+      EXPECT_EQ(e.peer, 2u);
+      EXPECT_EQ(e.message, std::vector<uint8_t>(hello, hello + 5));
+    }
+  }
+  EXPECT_TRUE(c.Take(CompletionType::kWriteDone)[0].status.ok());
+  EXPECT_EQ(src, dst);
+}
+
 // rdma_cm: an address no RDMA device reaches (loopback) is refused with a
 // status that says so, within the connect timeout.
 TEST_P(BackendTest, RdmaCmAddressWithoutDeviceIsUnavailable) {
