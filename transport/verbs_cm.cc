@@ -650,8 +650,8 @@ void ManagerImpl::OnRequest(const Event& ev) {
   }
   // Up once every QP is accepted (RTS here), not at ESTABLISHED: the
   // connector may post as soon as its last rdma_establish returns, before
-  // our ESTABLISHED event is read, and the backend drops what arrives for a
-  // connection it has not yet opened. Were we to post first instead, a packet
+  // our ESTABLISHED event is read, and the backend holds back what arrives
+  // before it reports the peer. Were we to post first instead, a packet
   // reaching the connector's QP before its RTR is only retransmitted (RC).
   bool now_up = false;
   {
