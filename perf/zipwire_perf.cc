@@ -130,6 +130,7 @@ struct Options {
   bool gpu = false;
   std::string codec;                            // empty: plain bytes
   std::string ib_device, ib_gid_index, ib_qps;  // -d / -x / -q (verbs only)
+  bool rdma_cm = false;                         // -R (verbs only)
   std::string host;                             // empty: server
 };
 
@@ -146,6 +147,9 @@ void PrintUsage(FILE* out) {
                "  -d, --ib-dev DEV       verbs: RDMA device (ZIPWIRE_IB_DEVICE)\n"
                "  -x, --gid-index N      verbs: GID index (ZIPWIRE_IB_GID_INDEX)\n"
                "  -q, --qp N             verbs: RC QPs per peer, writes striped (ZIPWIRE_IB_QPS)\n"
+               "  -R, --rdma_cm          verbs: connect the QPs through rdma_cm (perftest -R;\n"
+               "                         ZIPWIRE_IB_CM=rdmacm); the server's --bind and the\n"
+               "                         client's HOST are then addresses on RDMA devices\n"
                "  -p, --port N           server port (default 18515)\n"
                "  -s, --size BYTES       message size, e.g. 65536, 64K, 1M (default 65536 for\n"
                "                         *_bw, 2 for *_lat; with --codec 4096 for write_lat)\n"
@@ -205,6 +209,7 @@ int ParseArgs(int argc, char** argv, Options* opt) {
                                  {"ib-dev", required_argument, nullptr, 'd'},
                                  {"gid-index", required_argument, nullptr, 'x'},
                                  {"qp", required_argument, nullptr, 'q'},
+                                 {"rdma_cm", no_argument, nullptr, 'R'},
                                  {"port", required_argument, nullptr, 'p'},
                                  {"size", required_argument, nullptr, 's'},
                                  {"all", no_argument, nullptr, 'a'},
@@ -224,7 +229,7 @@ int ParseArgs(int argc, char** argv, Options* opt) {
   bool size_given = false;
   while (true) {
     int idx = 0;
-    int c = getopt_long(argc, argv, ":t:d:x:q:p:s:an:beh", kLong, &idx);
+    int c = getopt_long(argc, argv, ":t:d:x:q:Rp:s:an:beh", kLong, &idx);
     if (c == -1) break;
     uint64_t v = 0;
     switch (c) {
@@ -247,6 +252,9 @@ int ParseArgs(int argc, char** argv, Options* opt) {
         if (!ParseUint(optarg, 1024, &v) || v == 0)
           return UsageError("bad --qp '" + std::string(optarg) + "'");
         opt->ib_qps = std::to_string(v);
+        break;
+      case 'R':
+        opt->rdma_cm = true;
         break;
       case 'p':
         if (!ParseUint(optarg, 65535, &v) || v == 0)
@@ -1359,11 +1367,14 @@ int Main(int argc, char** argv) {
     std::fflush(stdout);
   }
   // -d / -x / -q are the verbs backend's settings, read when it is created.
-  const bool ib_flags = !opt.ib_device.empty() || !opt.ib_gid_index.empty() || !opt.ib_qps.empty();
+  const bool ib_flags =
+      !opt.ib_device.empty() || !opt.ib_gid_index.empty() || !opt.ib_qps.empty() || opt.rdma_cm;
   if (ib_flags && opt.transport != "verbs") {
-    return UsageError("-d / -x / -q select RDMA devices, GIDs and QPs: they apply to -t verbs only, not " +
-                      opt.transport);
+    return UsageError(
+        "-d / -x / -q / -R select RDMA devices, GIDs, QPs and rdma_cm: they apply to -t verbs only, not " +
+        opt.transport);
   }
+  if (opt.rdma_cm) setenv("ZIPWIRE_IB_CM", "rdmacm", 1);
   if (!opt.ib_device.empty()) setenv("ZIPWIRE_IB_DEVICE", opt.ib_device.c_str(), 1);
   if (!opt.ib_gid_index.empty()) setenv("ZIPWIRE_IB_GID_INDEX", opt.ib_gid_index.c_str(), 1);
   if (!opt.ib_qps.empty()) setenv("ZIPWIRE_IB_QPS", opt.ib_qps.c_str(), 1);

@@ -81,6 +81,7 @@ expect_usage "--codec and --bidir" --codec onebit --bidir 127.0.0.1
 expect_usage "apply to -t verbs only" -t tcp -d rxe0 127.0.0.1
 expect_usage "apply to -t verbs only" -t tcp -x 1 127.0.0.1
 expect_usage "apply to -t verbs only" -t tcp -q 2 127.0.0.1
+expect_usage "apply to -t verbs only" -t tcp -R 127.0.0.1
 expect_usage "bad --gid-index '300'" -t verbs -x 300 127.0.0.1
 expect_usage "bad --qp '0'" -t verbs -q 0 127.0.0.1
 expect_usage "--all and --size exclude each other" -a -s 64K 127.0.0.1

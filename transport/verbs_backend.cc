@@ -8,6 +8,9 @@
 // side can post to a QP whose peer is not yet ready. The side channel stays
 // open for the connection's life; EOF on it is how a closed or dead peer is
 // noticed at once (RC retry exhaustion is the backstop, kPeerClosed too).
+// With ZIPWIRE_IB_CM=rdmacm the same QPs are connected through rdma_cm
+// instead (verbs_cm.h: one cm_id per QP, private data for the rank), and
+// RDMA_CM_EVENT_DISCONNECTED plays the side channel's EOF.
 //
 // Data path. All two-sided traffic is SENDs on QP 0 into a ring of posted
 // receive buffers, each starting with a 40-byte header laid out like the tcp
@@ -100,6 +103,7 @@
 #include "transport/backend_util.h"
 #include "transport/gpu_memory.h"
 #include "transport/registration_cache.h"
+#include "transport/verbs_cm.h"
 
 namespace zipwire::transport {
 namespace {
@@ -325,6 +329,10 @@ struct Conn {
   std::deque<Unacked> unacked;
   std::deque<Nack> peer_nacks;
   std::deque<std::unique_ptr<Op>> reads;  // fully posted PostReads, in completion order (QP 0)
+  // Completions that came before the connection was opened (a peer may post
+  // the moment its side is up); replayed by OpenLocked after kPeerConnected,
+  // so nothing is lost or reordered.
+  std::vector<ibv_wc> early;
   std::unordered_map<uint64_t, RemoteInfo> remote;
   // Target side.
   uint64_t rx_seq = 0;
@@ -361,7 +369,10 @@ class VerbsBackend final : public Backend {
               std::chrono::microseconds idle_progress, size_t reg_cache_entries);
 
   const Capabilities& capabilities() const override { return caps_; }
-  void SetLocalRank(PeerId self) override { self_.store(self); }
+  void SetLocalRank(PeerId self) override {
+    self_.store(self);
+    if (cm_) cm_->SetLocalRank(self);
+  }
   Result<std::string> Listen() override;
   Status Connect(PeerId peer, const std::string& address) override;
   Result<MemoryRegion> RegisterMemory(void* addr, size_t length, MemoryKind kind) override;
@@ -386,6 +397,13 @@ class VerbsBackend final : public Backend {
   void FillHello(const Conn& c, Hello* h) const;
   void DestroyConn(Conn* c);
   void HandleAccept(int fd, std::string address);
+  // A connection is up: open it, report it (listener side), replay its early completions.
+  void OpenLocked(Conn* c, bool report);
+  // rdma_cm (ZIPWIRE_IB_CM=rdmacm; verbs_cm.h does the connecting).
+  Status ConnectCm(PeerId peer, const std::string& address);
+  Result<verbs_cm::Hooks::Accepted> CmAccept(PeerId rank, uint32_t nqps, const std::string& address);
+  void CmEstablished(Conn* c, ibv_mtu mtu);
+  void CmFailed(Conn* c, const Status& st);
   // Progress (mu_ held).
   size_t ProgressLocked(bool flush_acks = false);
   void HandleWc(const ibv_wc& wc);
@@ -455,6 +473,7 @@ class VerbsBackend final : public Backend {
   std::atomic<int> pollers_{0};              // threads inside Poll (they make progress themselves)
   std::atomic<uint64_t> helper_fds_gen_{0};  // bumped when the helper's fd set changes
   std::mt19937 rng_{std::random_device{}()};
+  std::unique_ptr<verbs_cm::Manager> cm_;  // set: QPs connect through rdma_cm, not the side channel
 };
 
 // ---------------------------------------------------------------------------
@@ -467,6 +486,10 @@ Status VerbsBackend::Init(uint32_t nqps, uint64_t stripe_bytes, std::chrono::mic
   spin_ = spin;
   idle_progress_ = idle_progress;
   ZW_ASSIGN_OR_RETURN(std::string want, EnvString("IB_DEVICE", ""));
+  ZW_ASSIGN_OR_RETURN(const verbs_cm::CmMode cm_mode, verbs_cm::CmModeFromEnv());
+  // rdma_cm: the device is the one the listen address is on, unless named.
+  if (cm_mode == verbs_cm::CmMode::kRdmaCm && want.empty())
+    want = verbs_cm::DeviceForAddress(options_.listen_host);
   int n = 0;
   ibv_device** list = ibv_get_device_list(&n);
   if (list == nullptr || n == 0) {
@@ -556,6 +579,18 @@ Status VerbsBackend::Init(uint32_t nqps, uint64_t stripe_bytes, std::chrono::mic
       ZW_LOG(kInfo, "verbs: registration cache off: " << frames.status().message());
     }
   }
+  if (cm_mode == verbs_cm::CmMode::kRdmaCm) {
+    verbs_cm::Hooks hooks;
+    hooks.accept = [this](PeerId rank, uint32_t nqps, const std::string& address) {
+      return CmAccept(rank, nqps, address);
+    };
+    hooks.established = [this](void* c, ibv_mtu mtu) { CmEstablished(static_cast<Conn*>(c), mtu); };
+    hooks.failed = [this](void* c, const Status& st) { CmFailed(static_cast<Conn*>(c), st); };
+    verbs_cm::QpTuning tuning;
+    tuning.rd_atomic = static_cast<uint8_t>(rd_atomic_);
+    ZW_ASSIGN_OR_RETURN(
+        cm_, verbs_cm::Manager::Create(device_name_, kWireVersion, self_.load(), tuning, std::move(hooks)));
+  }
   Touch();
   helper_ = std::thread([this] { HelperLoop(); });
   ZW_LOG(kDebug, "verbs: " << device_name_ << " gid[" << gid_index_ << "]=" << GidString(gid_.raw)
@@ -565,6 +600,7 @@ Status VerbsBackend::Init(uint32_t nqps, uint64_t stripe_bytes, std::chrono::mic
 
 VerbsBackend::~VerbsBackend() {
   Close();
+  cm_.reset();
   for (auto& c : conns_) DestroyConn(c.get());
   conns_.clear();  // releases the registrations queued operations held
   regions_.clear();
@@ -739,6 +775,7 @@ Result<std::string> VerbsBackend::Listen() {
   if (closed_) return Cancelled("verbs backend closed");
   if (listen_fd_ >= 0) return FailedPrecondition("verbs backend already listening on " + listen_address_);
   lk.unlock();
+  if (cm_) return cm_->Listen(options_.listen_host, options_.listen_port);
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -852,13 +889,20 @@ void VerbsBackend::HandleAccept(int fd, std::string address) {
     return;
   }
   c->side_fd = fd;
-  c->established = c->open = true;
-  by_peer_[in.rank] = c.get();
   conns_.push_back(std::move(c));
-  Completion up;
-  up.type = CompletionType::kPeerConnected;
-  up.peer = in.rank;
-  Push(std::move(up));
+  OpenLocked(conns_.back().get(), /*report=*/true);
+}
+
+void VerbsBackend::OpenLocked(Conn* c, bool report) {
+  c->established = c->open = true;
+  by_peer_[c->peer] = c;
+  if (report) {
+    Completion up;
+    up.type = CompletionType::kPeerConnected;
+    up.peer = c->peer;
+    Push(std::move(up));
+  }
+  for (const ibv_wc& wc : std::exchange(c->early, {})) HandleWc(wc);
 }
 
 Status VerbsBackend::Connect(PeerId peer, const std::string& address) {
@@ -876,6 +920,7 @@ Status VerbsBackend::Connect(PeerId peer, const std::string& address) {
                     "peer " + std::to_string(peer) + " is already connected (" + it->second->address + ")");
     }
   }
+  if (cm_) return ConnectCm(peer, address);
   size_t colon = address.rfind(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 == address.size()) {
     return InvalidArgument("Connect: address '" + address + "' is not host:port");
@@ -979,13 +1024,100 @@ Status VerbsBackend::Connect(PeerId peer, const std::string& address) {
     return st;
   }
   c->side_fd = fd;
-  c->established = c->open = true;
-  by_peer_[peer] = c.get();
   conns_.push_back(std::move(c));
+  OpenLocked(conns_.back().get(), /*report=*/false);
   helper_fds_gen_.fetch_add(1);
   uint64_t one64 = 1;
   [[maybe_unused]] ssize_t w = ::write(helper_wake_fd_, &one64, 8);
   return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------
+// rdma_cm (verbs_cm.h): the same Conn and QPs, connected by the manager.
+
+Status VerbsBackend::ConnectCm(PeerId peer, const std::string& address) {
+  const auto deadline = Clock::now() + options_.connect_timeout;
+  ZW_ASSIGN_OR_RETURN(std::unique_ptr<Conn> c, NewConn(peer, address, nqps_));
+  std::vector<ibv_qp*> qps;
+  for (auto& q : c->qps) qps.push_back(q->qp);
+  auto made = cm_->Connect(c.get(), peer, address, qps, deadline);
+  std::lock_guard lk(mu_);
+  if (made.ok() && made->refused.empty() && closed_) {
+    cm_->Disconnect(c.get());
+    made = Cancelled("verbs backend closed");
+  }
+  if (!made.ok()) {
+    for (auto& q : c->qps) qp_by_uid_.erase(q->uid);
+    DestroyConn(c.get());
+    conns_.push_back(std::move(c));  // keep: the CQ may still name its QPs
+    return made.status();
+  }
+  if (!made->refused.empty()) {
+    // As on the socket path: the refusal surfaces as kPeerClosed.
+    FailLocked(c.get(), PeerClosed(c->Name() + " refused the connection: " + made->refused), true);
+    by_peer_[peer] = c.get();
+    conns_.push_back(std::move(c));
+    return Status::Ok();
+  }
+  c->mtu_bytes = 128u << made->mtu;  // IBV_MTU_256 = 1
+  conns_.push_back(std::move(c));
+  OpenLocked(conns_.back().get(), /*report=*/false);
+  return Status::Ok();
+}
+
+// The manager's thread, for a peer's connect request: a Conn, pending
+// (neither open nor established) until every QP is connected.
+Result<verbs_cm::Hooks::Accepted> VerbsBackend::CmAccept(PeerId rank, uint32_t nqps,
+                                                         const std::string& address) {
+  if (nqps == 0 || nqps > kVerbsMaxQps) return InvalidArgument("bad QP count " + std::to_string(nqps));
+  {
+    std::lock_guard lk(mu_);
+    if (closed_) return Cancelled("verbs backend closed");
+    auto it = by_peer_.find(rank);
+    if (it != by_peer_.end() && it->second->open) {
+      return Status(StatusCode::kAlreadyExists, "duplicate rank " + std::to_string(rank) +
+                                                    " (already connected via " + it->second->address + ")");
+    }
+  }
+  ZW_ASSIGN_OR_RETURN(std::unique_ptr<Conn> c, NewConn(rank, address, nqps));
+  verbs_cm::Hooks::Accepted out;
+  out.token = c.get();
+  for (auto& q : c->qps) out.qps.push_back(q->qp);
+  std::lock_guard lk(mu_);
+  conns_.push_back(std::move(c));
+  return out;
+}
+
+void VerbsBackend::CmEstablished(Conn* c, ibv_mtu mtu) {
+  {
+    std::lock_guard lk(mu_);
+    auto it = by_peer_.find(c->peer);
+    if (closed_ || (it != by_peer_.end() && it->second->open)) {  // closing, or lost a duplicate race
+      FailLocked(c, closed_ ? Cancelled("verbs backend closed") : PeerClosed("duplicate rank"), false);
+      return;
+    }
+    c->mtu_bytes = 128u << mtu;
+    OpenLocked(c, /*report=*/true);
+  }
+  WakePollers();
+}
+
+// A disconnect (the peer closed or died) or a failed setup: like EOF on the
+// socket path's side channel.
+void VerbsBackend::CmFailed(Conn* c, const Status& st) {
+  {
+    std::lock_guard lk(mu_);
+    if (!c->established) {  // never reported: release it quietly
+      ZW_LOG(kWarn, "verbs: " << c->Name() << " " << st.message());
+      for (auto& q : c->qps) qp_by_uid_.erase(q->uid);
+      DestroyConn(c);
+      c->established = true;
+      return;
+    }
+    ProgressLocked();  // anything in the CQ from this peer (acks above all) counts first
+    if (c->open) FailLocked(c, PeerClosed(c->Name() + " " + st.message()), true);
+  }
+  WakePollers();
 }
 
 // ---------------------------------------------------------------------------
@@ -1588,7 +1720,10 @@ void VerbsBackend::HandleWc(const ibv_wc& wc) {
   if (it == qp_by_uid_.end()) return;  // a QP of a connection torn down
   Qp* q = it->second;
   Conn* c = q->conn;
-  if (!c->open) return;  // flushes after a failure
+  if (!c->open) {
+    if (!c->established) c->early.push_back(wc);  // not reported yet (rare; see Conn::early)
+    return;                                       // else: flushes after a failure
+  }
   if (wc.status != IBV_WC_SUCCESS) {
     const bool gone = wc.status == IBV_WC_RETRY_EXC_ERR || wc.status == IBV_WC_RNR_RETRY_EXC_ERR ||
                       wc.status == IBV_WC_WR_FLUSH_ERR;
@@ -1766,6 +1901,7 @@ void VerbsBackend::FailLocked(Conn* c, const Status& st, bool emit_peer_error) {
     ibv_modify_qp(q->qp, &a, IBV_QP_STATE);  // flushes what is outstanding
   }
   if (c->side_fd >= 0) ::shutdown(c->side_fd, SHUT_RDWR);  // the peer notices at once
+  if (cm_) cm_->Disconnect(c);                             // likewise (RDMA_CM_EVENT_DISCONNECTED)
   for (const Unacked& u : c->unacked) {
     Completion done;
     done.type = u.type == kMeta ? CompletionType::kWriteDone : CompletionType::kSendDone;
@@ -1879,8 +2015,9 @@ void VerbsBackend::Close() {
     if (closed_) return;
     closed_ = true;
     // Best effort: acknowledge what already arrived, so peers' writes that
-    // did land here are not reported as failed.
-    ProgressLocked();
+    // did land here are not reported as failed. (No CQ: Init failed, and the
+    // destructor is closing a backend that never was.)
+    if (cq_ != nullptr) ProgressLocked();
     for (auto& c : conns_) {
       if (c->open && c->rx_seq > c->ack_sent && CanPostMessage(c.get(), 0)) {
         Header h;
@@ -1897,6 +2034,7 @@ void VerbsBackend::Close() {
   uint64_t one = 1;
   [[maybe_unused]] ssize_t w = ::write(helper_wake_fd_, &one, 8);
   if (helper_.joinable()) helper_.join();
+  if (cm_) cm_->Close();  // no hook runs after this
   std::lock_guard lk(mu_);
   if (listen_fd_ >= 0) ::close(listen_fd_);
   listen_fd_ = -1;

@@ -9,6 +9,10 @@
 //   ZIPWIRE_IB_QPS        RC QPs per peer (default 1, at most 16); writes of at
 //                         least two stripes are striped across them
 //   ZIPWIRE_IB_STRIPE_BYTES  stripe size when ZIPWIRE_IB_QPS > 1 (default 1 MiB)
+//   ZIPWIRE_IB_CM         socket (default): QPs connect over the backend's TCP
+//                         side channel; rdmacm: through rdma_cm (verbs_cm.h),
+//                         Listen/Connect addresses then being rdma_cm's, on
+//                         RDMA devices' netdevs
 //   ZIPWIRE_IB_SPIN_US    how long Poll busy-polls before it arms the completion
 //                         channel and sleeps (default 50)
 //   ZIPWIRE_IB_IDLE_PROGRESS_US  how long the backend may sit without Poll or

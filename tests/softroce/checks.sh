@@ -2,9 +2,12 @@
 # checks.sh CHECK [ARGS...]: the soft-RoCE checks, run INSIDE the guest
 # (tests/softroce/guest.sh starts it there). One boot can run several:
 #   perftest                 ib_write_bw server + client on rxe0 (the self-check)
-#   conformance BIN          the verbs backend's conformance tests (gtest BIN)
+#   conformance BIN          the verbs backend's conformance tests (gtest BIN):
+#                            side-channel and rdma_cm connections (verbs,
+#                            verbs_rdmacm), then a rdma_cm subset with 4 QPs
 #   perf BIN [DEV_S DEV_C]   zipwire_perf -t verbs beside ib_write_bw, same sizes;
-#                            server on DEV_S, client on DEV_C (default rxe0 both)
+#                            server on DEV_S, client on DEV_C (default rxe0 both);
+#                            then both once more with rdma_cm (-R) and 2 QPs
 set -u
 IP=10.11.0.1
 
@@ -44,15 +47,27 @@ case "$check" in
   conformance)
     bin=${1:?conformance needs the test binary}
     export ZIPWIRE_IB_DEVICE=${ZIPWIRE_IB_DEVICE:-rxe0} ZIPWIRE_IB_GID_INDEX=${ZIPWIRE_IB_GID_INDEX:-1}
+    # verbs_rdmacm listens and connects on rxe0's address (rdma_cm needs one).
+    export ZIPWIRE_TEST_RDMACM_HOST=${ZIPWIRE_TEST_RDMACM_HOST:-$IP}
     # The host skips these (no device); here a skip means the backend did not
-    # see rxe0, which is a failure.
-    out=$("$bin" --gtest_filter='*verbs*:*Verbs*' 2>&1)
+    # see rxe0, which is a failure. verbs_rdmacm leaves out the long data-path
+    # cases (the same code as verbs once connected) to keep the tier short;
+    # its large write runs below, striped over 4 QPs.
+    skip_cm='*ThousandsOf*/verbs_rdmacm:*ReadsFetchRemoteBytes*/verbs_rdmacm:*LargeWrite*/verbs_rdmacm'
+    out=$("$bin" --gtest_filter="*verbs*:*Verbs*:-$skip_cm" 2>&1)
     rc=$?
+    # rdma_cm with several QPs per peer (one cm_id each): connection, striping,
+    # refusal and loss, the cases where the QP count matters.
+    multi='*ImmediatesArrive*/verbs_rdmacm:*LargeWrite*/verbs_rdmacm:*DuplicateRank*/verbs_rdmacm'
+    multi+=':*PeerDestroyFailsPendingOperations/verbs_rdmacm:*PostRightAfterConnect*/verbs_rdmacm'
+    out+=$'\n'$(ZIPWIRE_IB_QPS=4 "$bin" --gtest_filter="$multi" 2>&1)
+    rc2=$?
     echo "$out" | grep -vE '^\[ +(RUN|OK) +\]'
-    if echo "$out" | grep -q 'no RDMA device'; then
-      echo "FAIL conformance: the verbs tests found no device inside the guest"
+    if echo "$out" | grep -q 'no RDMA device\|ZIPWIRE_TEST_RDMACM_HOST'; then
+      echo "FAIL conformance: the verbs tests found no device (or rdma_cm address) inside the guest"
       exit 1
     fi
+    [ $rc -eq 0 ] && exit $rc2
     exit $rc
     ;;
   perf)
@@ -75,6 +90,13 @@ case "$check" in
         "$bin" -t verbs -p $port -s "$s" -n "$iters" --timeout 60 "$ip_s" || fail=1
       port=$((port + 1))
     done
+    # rdma_cm (perftest -R) at the first size, 2 QPs each: rdma_cm resolves
+    # the device from the address, which must agree with DEV_S / DEV_C.
+    s=${sizes%% *}
+    pair "ib_write_bw_R_$s" ib_write_bw -R -d "$dev_s" -x 1 -F -q 2 -s "$s" -n "$iters" -- \
+      ib_write_bw -R -d "$dev_c" -x 1 -F -q 2 -s "$s" -n "$iters" "$ip_s" || fail=1
+    pair "zipwire_perf_R_$s" "$bin" -t verbs -R -d "$dev_s" -q 2 -p $port --timeout 60 -- \
+      "$bin" -t verbs -R -d "$dev_c" -q 2 -p $port -s "$s" -n "$iters" --timeout 60 "$ip_s" || fail=1
     exit $fail
     ;;
   *)

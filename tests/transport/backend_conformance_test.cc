@@ -7,6 +7,8 @@
 #include <boost/asio.hpp>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -82,8 +84,18 @@ void FillRandom(std::vector<uint8_t>& v, uint32_t seed) {
 }
 
 // A test parameter names a backend, or a backend on a chosen path:
-// "ucx" is UCX over tcp (UCX_TLS=tcp), "ucx_shm" UCX over shared memory.
-std::string BackendOf(const std::string& param) { return param == "ucx_shm" ? "ucx" : param; }
+// "ucx" is UCX over tcp (UCX_TLS=tcp), "ucx_shm" UCX over shared memory;
+// "verbs_rdmacm" is verbs with its QPs connected through rdma_cm
+// (ZIPWIRE_IB_CM=rdmacm) instead of its TCP side channel.
+std::string BackendOf(const std::string& param) {
+  if (param == "ucx_shm") return "ucx";
+  if (param == "verbs_rdmacm") return "verbs";
+  return param;
+}
+
+// rdma_cm needs an address on an RDMA device's netdev (not loopback): the
+// soft-RoCE guest's checks.sh names rxe0's.
+const char* RdmaCmHost() { return std::getenv("ZIPWIRE_TEST_RDMACM_HOST"); }
 
 class BackendTest : public ::testing::TestWithParam<std::string> {
  protected:
@@ -96,6 +108,12 @@ class BackendTest : public ::testing::TestWithParam<std::string> {
       setenv("UCX_TLS", "posix,sysv,cma,self", /*overwrite=*/1);
     }
     BackendOptions opts;
+    if (GetParam() == "verbs_rdmacm") {
+      setenv("ZIPWIRE_IB_CM", "rdmacm", /*overwrite=*/1);
+      opts.listen_host = RdmaCmHost();
+    } else if (GetParam() == "verbs") {
+      unsetenv("ZIPWIRE_IB_CM");
+    }
     opts.self = rank;
     opts.connect_timeout = connect_timeout;
     auto made = CreateBackend(BackendOf(GetParam()), opts);
@@ -109,9 +127,13 @@ class BackendTest : public ::testing::TestWithParam<std::string> {
   // Rank 0 (a) connects to rank 1 (b), which listens.
   void SetUp() override {
 #ifdef ZIPWIRE_HAVE_VERBS
-    if (GetParam() == "verbs" && VerbsDeviceCount() == 0) {
+    if ((GetParam() == "verbs" || GetParam() == "verbs_rdmacm") && VerbsDeviceCount() == 0) {
       GTEST_SKIP() << "no RDMA device (ibv_get_device_list is empty); the verbs backend runs in the "
                       "soft-RoCE guest: ctest -L softroce";
+    }
+    if (GetParam() == "verbs_rdmacm" && RdmaCmHost() == nullptr) {
+      GTEST_SKIP() << "ZIPWIRE_TEST_RDMACM_HOST (an address on an RDMA device's netdev) is unset; "
+                      "tests/softroce/checks.sh sets it in the soft-RoCE guest";
     }
 #endif
     a_.backend = Make(0);
@@ -414,8 +436,9 @@ class PendingOpsTest : public BackendTest {
 
 // The target goes away with the initiator's operations in flight: each one
 // completes exactly once with a status, the peer is reported, later posts
-// fail at once, and nothing hangs.
-void RunPeerLoss(Node& a, Node& b, bool destroy) {
+// fail at once, and nothing hangs. `cause`, where given, must appear in the
+// peer error (how the loss was noticed).
+void RunPeerLoss(Node& a, Node& b, bool destroy, const std::string& cause = "") {
   constexpr int kOps = 64;
   constexpr size_t kChunk = 1 << 20;
   std::vector<uint8_t> src(kOps * kChunk, 1), dst(kOps * kChunk);
@@ -443,6 +466,7 @@ void RunPeerLoss(Node& a, Node& b, bool destroy) {
     if (c.type == CompletionType::kPeerError) {
       EXPECT_EQ(c.peer, 1u);
       EXPECT_EQ(c.status.code(), StatusCode::kPeerClosed) << c.status.ToString();
+      EXPECT_NE(c.status.message().find(cause), std::string::npos) << c.status.ToString();
       continue;
     }
     EXPECT_TRUE(ctx.insert(c.context).second) << "completed twice: " << c.context;
@@ -462,9 +486,19 @@ void RunPeerLoss(Node& a, Node& b, bool destroy) {
   EXPECT_EQ(a.got.size(), before);
 }
 
-TEST_P(PendingOpsTest, PeerCloseFailsPendingOperations) { RunPeerLoss(a_, b_, /*destroy=*/false); }
+// rdma_cm: the peer's DISCONNECTED event is what reports the loss (at once,
+// not after RC retries run out).
+std::string LossCause(const std::string& param) {
+  return param == "verbs_rdmacm" ? "disconnected (rdma_cm" : "";
+}
 
-TEST_P(PendingOpsTest, PeerDestroyFailsPendingOperations) { RunPeerLoss(a_, b_, /*destroy=*/true); }
+TEST_P(PendingOpsTest, PeerCloseFailsPendingOperations) {
+  RunPeerLoss(a_, b_, /*destroy=*/false, LossCause(GetParam()));
+}
+
+TEST_P(PendingOpsTest, PeerDestroyFailsPendingOperations) {
+  RunPeerLoss(a_, b_, /*destroy=*/true, LossCause(GetParam()));
+}
 
 TEST_P(PendingOpsTest, LocalCloseCancelsPendingOperations) {
   constexpr int kOps = 64;
@@ -538,11 +572,57 @@ TEST_P(BackendTest, ConnectToDeadPortIsUnavailable) {
   probe.close();
   auto c = Make(2, 300ms);
   ASSERT_TRUE(c);
-  std::string addr = "127.0.0.1:" + std::to_string(port);
+  // rdma_cm: the same unused port number, in rdma_cm's port space on the device's address.
+  const std::string host = GetParam() == "verbs_rdmacm" ? RdmaCmHost() : "127.0.0.1";
+  std::string addr = host + ":" + std::to_string(port);
   Status st = c->Connect(1, addr);
   EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st.ToString();
   EXPECT_NE(st.message().find(addr), std::string::npos) << st.ToString();
   EXPECT_EQ(c->Connect(1, "no-port-here").code(), StatusCode::kInvalidArgument);
+}
+
+// A node that posts the moment Connect returns, before the listener has
+// polled (or reported the peer), loses nothing: the message and the write
+// arrive, after the listener's kPeerConnected for that peer.
+TEST_P(BackendTest, PostRightAfterConnectArrives) {
+  Node c{Make(2), {}};
+  ASSERT_TRUE(c.backend);
+  std::vector<uint8_t> src(4096, 7), dst(4096, 0);
+  auto ls = c.backend->RegisterMemory(src.data(), src.size(), MemoryKind::kHost);
+  MemoryRegion rd = Register(b_, dst);
+  ASSERT_TRUE(ls.ok());
+  ASSERT_TRUE(c.backend->Connect(1, b_address_).ok());
+  const uint8_t hello[5] = {'h', 'e', 'l', 'l', 'o'};
+  ASSERT_TRUE(c.backend->PostSend(1, hello, 1).ok());
+  ASSERT_TRUE(c.backend->PostWrite(1, *ls, 0, ToRemote(rd), 0, src.size(), 77, 2).ok());
+  ASSERT_TRUE(PumpUntil({&c, &b_}, [&] {
+    return b_.Count(CompletionType::kRecvMessage) == 1 && b_.Count(CompletionType::kWriteImm) == 1 &&
+           c.Count(CompletionType::kWriteDone) == 1;
+  }));
+  bool connected_first = false;
+  for (const auto& e : b_.got) {
+    if (e.type == CompletionType::kPeerConnected && e.peer == 2) connected_first = true;
+    if (e.type == CompletionType::kRecvMessage) {
+      EXPECT_TRUE(connected_first) << "a message from peer 2 came before its kPeerConnected";
+      EXPECT_EQ(e.peer, 2u);
+      EXPECT_EQ(e.message, std::vector<uint8_t>(hello, hello + 5));
+    }
+  }
+  EXPECT_TRUE(c.Take(CompletionType::kWriteDone)[0].status.ok());
+  EXPECT_EQ(src, dst);
+}
+
+// rdma_cm: an address no RDMA device reaches (loopback) is refused with a
+// status that says so, within the connect timeout.
+TEST_P(BackendTest, RdmaCmAddressWithoutDeviceIsUnavailable) {
+  if (GetParam() != "verbs_rdmacm") GTEST_SKIP() << "rdma_cm only";
+  auto c = Make(2, 2000ms);
+  ASSERT_TRUE(c);
+  Status st = c->Connect(1, "127.0.0.1:4791");
+  EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st.ToString();
+  EXPECT_NE(st.message().find("rdma_cm"), std::string::npos) << st.ToString();
+  EXPECT_NE(st.message().find("127.0.0.1:4791"), std::string::npos) << st.ToString();
+  std::printf("loopback connect: %s\n", st.ToString().c_str());  // the wording, for the log
 }
 
 TEST_P(BackendTest, CudaMemoryNotSupported) {
@@ -885,6 +965,9 @@ std::vector<std::string> TestBackends() {
 #endif
 #ifdef ZIPWIRE_HAVE_VERBS
   names.push_back("verbs");
+#endif
+#ifdef ZIPWIRE_HAVE_RDMACM
+  names.push_back("verbs_rdmacm");
 #endif
   return names;
 }

@@ -36,6 +36,17 @@ std::unique_ptr<Backend> MakeVerbs(PeerId rank) {
   return std::move(b).value();
 }
 
+// ZIPWIRE_IB_CM is validated before any device is opened (so this runs on
+// a host without one too): a typo is an error naming the variable.
+TEST(VerbsConfigTest, UnknownConnectionManagerIsRefused) {
+  setenv("ZIPWIRE_IB_CM", "rdma-cm", 1);
+  auto b = CreateVerbsBackend(BackendOptions{});
+  unsetenv("ZIPWIRE_IB_CM");
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), StatusCode::kInvalidArgument) << b.status().ToString();
+  EXPECT_NE(b.status().message().find("ZIPWIRE_IB_CM"), std::string::npos) << b.status().ToString();
+}
+
 class VerbsBackendTest : public ::testing::Test {
  protected:
   void SetUp() override {
