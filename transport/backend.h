@@ -77,13 +77,13 @@ inline RemoteRegion ToRemote(const MemoryRegion& r) {
 }
 
 enum class CompletionType : uint8_t {
-  kWriteDone,      // initiator: a PostWrite finished (status says how)
-  kReadDone,       // initiator: a PostRead finished; the bytes are in the local range
-  kSendDone,       // initiator: a PostSend finished
-  kWriteImm,       // target: a write landed; imm, remote_key, offset, length set
-  kRecvMessage,    // target: a control message arrived; message set
-  kPeerConnected,  // a peer connected to us (passive side) and said its rank
-  kPeerError,      // a peer failed or disconnected; status names it
+  kWriteDone,     // initiator: a PostWrite finished (status says how)
+  kReadDone,      // initiator: a PostRead finished; the bytes are in the local range
+  kSendDone,      // initiator: a PostSend finished
+  kWriteImm,      // target: a write landed; imm, remote_key, offset, length set
+  kRecvMessage,   // target: a control message arrived; message set
+  kPeerConnected, // a peer connected to us (passive side) and said its rank
+  kPeerError,     // a peer failed or disconnected; status names it
 };
 const char* CompletionTypeName(CompletionType type);
 
@@ -91,18 +91,18 @@ struct Completion {
   CompletionType type = CompletionType::kWriteDone;
   Status status;
   PeerId peer = kInvalidPeer;
-  uint64_t context = 0;          // the caller's cookie from PostWrite / PostSend
-  uint32_t imm = 0;              // kWriteImm
-  uint64_t key = 0;              // kWriteImm: the target region's key
-  uint64_t offset = 0;           // kWriteImm: offset in that region
-  uint64_t length = 0;           // kWriteImm: bytes written
+  uint64_t context = 0;  // the caller's cookie from PostWrite / PostSend
+  uint32_t imm = 0;      // kWriteImm
+  uint64_t key = 0;      // kWriteImm: the target region's key
+  uint64_t offset = 0;   // kWriteImm: offset in that region
+  uint64_t length = 0;   // kWriteImm: bytes written
   std::vector<uint8_t> message;  // kRecvMessage
 };
 
 struct BackendOptions {
-  PeerId self = kInvalidPeer;  // own rank (from the bootstrap)
+  PeerId self = kInvalidPeer;      // own rank (from the bootstrap)
   std::string listen_host = "127.0.0.1";
-  uint16_t listen_port = 0;  // 0: ephemeral
+  uint16_t listen_port = 0;        // 0: ephemeral
   std::chrono::milliseconds connect_timeout{10000};
 };
 
@@ -125,13 +125,13 @@ class Backend {
   virtual Status DeregisterMemory(const MemoryRegion& region) = 0;
 
   // Optional (capabilities().supports_alloc): allocates `length` bytes of
-  // registered memory that the backend owns (NIXL / UCX style: ucx maps it
-  // with ucp_mem_map(UCP_MEM_MAP_ALLOCATE), i.e. shared memory where UCX's
-  // posix / sysv transports are enabled, which a same-host peer can write
-  // directly instead of through cma). The region behaves like one from
+  // registered memory that the backend owns (NIXL / UCX style, as
+  // ucp_mem_map(UCP_MEM_MAP_ALLOCATE) gives ucx_perftest its buffers). ucx:
+  // shared memory, which a peer on the same host writes with a plain copy
+  // instead of through UCX's data path. The region behaves like one from
   // RegisterMemory in every call; its contents start unspecified;
-  // DeregisterMemory frees it (the memory is gone when that returns) and its
-  // key is never reused. Backends without the capability return kNotSupported.
+  // DeregisterMemory frees it and its key is never reused. Backends without
+  // the capability return kNotSupported.
   virtual Result<MemoryRegion> AllocateMemory(size_t length, MemoryKind kind) {
     (void)length, (void)kind;
     return NotSupported(capabilities().name + ": AllocateMemory is not offered by this backend");
@@ -142,8 +142,8 @@ class Backend {
   // kWriteDone completion. Refused with kOutOfRange if either range falls
   // outside its registration.
   virtual Status PostWrite(PeerId peer, const MemoryRegion& local, uint64_t local_offset,
-                           const RemoteRegion& remote, uint64_t remote_offset, uint64_t length, uint32_t imm,
-                           uint64_t context) = 0;
+                           const RemoteRegion& remote, uint64_t remote_offset, uint64_t length,
+                           uint32_t imm, uint64_t context) = 0;
 
   // Optional (capabilities().supports_read): one-sided read of the peer's
   // [remote.addr + remote_offset, +length) into the local registered range
