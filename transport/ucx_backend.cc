@@ -181,6 +181,7 @@ constexpr auto kServerHandshakeTimeout = std::chrono::milliseconds(5000);
 constexpr uint64_t kAckEvery = 32;
 constexpr int kMaxProgressRounds = 64;
 constexpr auto kMaxSleepSlice = std::chrono::milliseconds(100);
+constexpr unsigned kRingFirstRounds = 16;
 // DeregisterMemory waits at most this long for peers' reads of the region.
 constexpr auto kDeregisterReadWait = std::chrono::milliseconds(2000);
 
@@ -231,27 +232,39 @@ static_assert(sizeof(WriteHdr) <= kMaxHdrBytes && sizeof(AckHdr) <= kMaxHdrBytes
               sizeof(RingHdr) <= kMaxHdrBytes && sizeof(MapRespHdr) <= kMaxHdrBytes);
 
 // The mailbox (see "Direct writes" above): a ring of one-cache-line slots in
-// memory the target allocated through UCX, written by the peer. Header line
-// 0: `consumed` (slots the target has taken, for the writer's credits); line
-// 1: `sleeping` (non-zero while a thread of the target sleeps in Poll: the
-// writer then rings the doorbell).
+// shared memory the target allocated, written by the peer. Header: at 0
+// `consumed` (slots the target has taken, for the writer's credits; the
+// writer reads it only when it runs short), at 256 `sleeping` (non-zero
+// while a thread of the target sleeps in Poll: the writer, which reads it
+// after every slot, then rings the doorbell). They sit 256 bytes apart so
+// that the writer's reads of `sleeping` never pull in `consumed` (adjacent-
+// line prefetch): the target's store to it stays local, and its next locked
+// instruction (the mutex) does not wait on the other core.
 constexpr uint64_t kRingSlots = 256;
 constexpr size_t kSlotBytes = 64;
-constexpr size_t kRingHeaderBytes = 128;
+constexpr size_t kRingHeaderBytes = 512;
 constexpr size_t kRingBytes = kRingHeaderBytes + kRingSlots * kSlotBytes;
 constexpr size_t kRingConsumedAt = 0;
-constexpr size_t kRingSleepingAt = 64;
+constexpr size_t kRingSleepingAt = 256;
+// Writes of at most kInlineBytes travel in the slot and the target copies
+// them into place: the target then reads one cache line the writer touched,
+// not two (the slot and the bytes), a cross-core miss less per message.
+constexpr size_t kInlineBytes = 8;
+constexpr uint32_t kSlotInline = 1;
 struct alignas(64) RingSlot {
   uint64_t stamp;  // ring position + 1, stored last (release): the slot is complete
   uint64_t seq;    // data message number (shared with the active-message path)
   uint64_t key;
   uint64_t offset;
-  uint64_t length;
   uint64_t ack;  // piggy-backed, as in WriteHdr
+  uint32_t length;
   uint32_t imm;
   uint32_t nacks;  // refusals the writer has sent us so far (see ApplySlotAckLocked)
+  uint32_t flags;  // kSlotInline: the bytes are in `data`
+  uint8_t data[kInlineBytes];
 };
 static_assert(sizeof(RingSlot) == kSlotBytes);
+static_assert(kUcxMaxWriteBytes <= UINT32_MAX, "a slot's length is 32 bits");
 static_assert(std::atomic_ref<uint64_t>::is_always_lock_free &&
               std::atomic_ref<uint32_t>::is_always_lock_free);
 
@@ -684,6 +697,7 @@ struct Conn {
   Segment tx_ring_map;
   uint64_t tx_ring_pos = 0;       // slots written
   uint64_t tx_ring_consumed = 0;  // the peer's `consumed`, last read
+  uint64_t tx_inline_end = 0;     // ring position after the last inline slot
   std::unordered_map<uint64_t, RemoteMap> remote_maps;
   uint64_t am_writes_unacked = 0;  // AM writes not yet acked: direct writes wait behind them
   uint64_t last_map_key = 0;       // one-entry cache in front of remote_maps (entries are never erased)
@@ -788,7 +802,9 @@ class UcxBackend final : public Backend {
   // Marks owner activity for the fallback thread. A counter, not a time
   // stamp: a clock read costs ~70 ns on kvm-clock, as much as a round of
   // progress, and the hot paths would pay it on every call.
-  void Touch() { activity_.fetch_add(1, std::memory_order_relaxed); }
+  // Not an atomic increment: a lost update still changes the value, which
+  // is all the fallback thread looks at, and costs no locked instruction.
+  void Touch() { activity_.store(activity_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed); }
   void Wake();
 
   // Connection setup (handshake socket; takes mu_ itself).
@@ -908,6 +924,7 @@ class UcxBackend final : public Backend {
   std::string boot_id_;                     // this kernel's, for peers' segments
   uint32_t sleeping_flag_ = 0;              // what our mailboxes' `sleeping` words say
   uint32_t sleep_gen_ = 0;                  // a new non-zero value for every sleep
+  unsigned ring_first_ = 0;                 // Poll rounds in a row that skipped UCX progress
 
   std::atomic<uint64_t> activity_{0};
   std::mutex helper_mu_;
@@ -2032,6 +2049,10 @@ void UcxBackend::OnReadReq(Conn* c, const void* header, size_t header_length, si
     return;
   }
   c->read_reqs_seen = h.id;
+  // Mailbox writes posted before this read: their slots are visible by now
+  // (as for CatchUpLocked), and inline ones land only when taken.
+  if (c->rx_ring != nullptr) PollRingLocked(c, UINT64_MAX);
+  if (c->state == ConnState::kClosed) return;
   if (c->rx_pending.empty()) {
     ServeReadLocked(c, h);
     return;
@@ -2300,23 +2321,44 @@ bool UcxBackend::PostDirectLocked(Conn* c, const Conn::RemoteMap& m, const uint8
   // Outside the region's true bounds: the active message lets the target
   // refuse it, and no byte is written here.
   if (c->am_writes_unacked > 0 || !RangeInside(remote_offset, length, m.length)) return false;
-  if (c->tx_ring_pos - c->tx_ring_consumed >= kRingSlots) {
+  const bool inline_bytes = length <= kInlineBytes;
+  // A free slot: consumed >= pos + 1 - kRingSlots. And an inline write lands
+  // only when the target takes its slot, so a later write's bytes (copied
+  // now) wait until it has: posting order.
+  uint64_t need_consumed = c->tx_ring_pos + 1 > kRingSlots ? c->tx_ring_pos + 1 - kRingSlots : 0;
+  if (!inline_bytes) need_consumed = std::max(need_consumed, c->tx_inline_end);
+  if (c->tx_ring_consumed < need_consumed) {
     const uint64_t consumed = Word64(c->tx_ring + kRingConsumedAt).load(std::memory_order_acquire);
     if (consumed > c->tx_ring_pos) return false;  // not a count we published slots for
     c->tx_ring_consumed = consumed;
-    if (c->tx_ring_pos - consumed >= kRingSlots) return false;
+    if (consumed < need_consumed) return false;
   }
-  if (length > 0) std::memcpy(m.base + remote_offset, src, length);
   uint8_t* slot = c->tx_ring + kRingHeaderBytes + (c->tx_ring_pos % kRingSlots) * kSlotBytes;
-  RingSlot v{0, seq, key, remote_offset, length, c->rx_done, imm, c->nacks_sent};
+  RingSlot v{};
+  v.seq = seq;
+  v.key = key;
+  v.offset = remote_offset;
+  v.ack = c->rx_done;
+  v.length = static_cast<uint32_t>(length);
+  v.imm = imm;
+  v.nacks = c->nacks_sent;
+  if (inline_bytes) {
+    v.flags = kSlotInline;
+    if (length > 0) std::memcpy(v.data, src, length);
+    c->tx_inline_end = c->tx_ring_pos + 1;
+  } else {
+    std::memcpy(m.base + remote_offset, src, length);
+  }
   c->ack_sent = c->rx_done;  // piggy-backed
   std::memcpy(slot + sizeof(uint64_t), reinterpret_cast<const uint8_t*>(&v) + sizeof(uint64_t),
               kSlotBytes - sizeof(uint64_t));
-  // Release: the target's acquire load of the stamp sees the bytes and the slot.
-  Word64(slot).store(++c->tx_ring_pos, std::memory_order_release);
-  // Dekker with the target's SetSleepingLocked: see its comment in Poll.
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  const uint32_t gen = Word32(c->tx_ring + kRingSleepingAt).load(std::memory_order_relaxed);
+  // Publishes the slot: the target's acquire load of the stamp sees the
+  // bytes and the slot. A seq_cst exchange rather than a release store and
+  // a fence (one xchg instead of mov + mfence on x86): the Dekker pairing
+  // with the target's SetSleepingLocked (see its comment in Poll) needs the
+  // store ordered before the load of `sleeping`.
+  Word64(slot).exchange(++c->tx_ring_pos, std::memory_order_seq_cst);
+  const uint32_t gen = Word32(c->tx_ring + kRingSleepingAt).load(std::memory_order_seq_cst);
   if (gen != 0 && gen != c->doorbell_gen) {
     c->doorbell_gen = gen;  // once per sleep
     SendCtrlLocked(c, kAmDoorbell, nullptr, 0, {});
@@ -2358,8 +2400,11 @@ bool UcxBackend::PollRingLocked(Conn* c, uint64_t max_seq) {
     auto reg = regions_.find(v.key);
     if (reg == regions_.end() || !reg->second.allocated) {
       nack = kNackUnknownKey;
-    } else if (!RangeInside(v.offset, v.length, reg->second.length)) {
+    } else if (!RangeInside(v.offset, v.length, reg->second.length) ||
+               ((v.flags & kSlotInline) && v.length > kInlineBytes)) {
       nack = kNackOutOfRange;
+    } else if ((v.flags & kSlotInline) && v.length > 0) {
+      std::memcpy(static_cast<uint8_t*>(reg->second.addr) + v.offset, v.data, v.length);
     }
     DeliverLocked(c, ++c->rx_seq, nack, std::move(comp));
   }
@@ -2697,14 +2742,23 @@ size_t UcxBackend::Poll(std::span<Completion> out, std::chrono::milliseconds tim
   if (closed_) return 0;
   ++pollers_;
   size_t n = 0;
-  bool second = false;    // timeout 0: two rounds, no clock
-  bool spinning = false;  // inside the busy-poll phase: the clock is read every kClockEvery rounds
+  bool second = false;   // timeout 0: two rounds, no clock
+  bool spinning = true;  // inside the busy-poll phase: the clock is read every kClockEvery rounds
+                         // (the first time only after that many: a shared-memory message is
+                         // often there within them, and a read costs ~50 ns on kvm-clock)
   unsigned since_clock = 0;
   Clock::time_point deadline, spin_until;
   bool timed = false;
-  constexpr unsigned kClockEvery = 8;
+  constexpr unsigned kClockEvery = 32;
   while (!closed_) {
-    ProgressLocked();
+    // Mailbox messages go out at once (latency: a round of UCX progress
+    // costs as much as the rest of the path); UCX's own progress still
+    // runs at least every kRingFirstRounds rounds, so that active messages
+    // never starve behind a busy mailbox.
+    if (!PollRingsLocked() || ++ring_first_ >= kRingFirstRounds) {
+      ring_first_ = 0;
+      ProgressLocked();
+    }
     if ((n = PopLocked(out)) > 0) break;
     // Nothing to hand back: acks held for piggy-backing go out now.
     FlushAcksLocked();
