@@ -993,6 +993,44 @@ TEST_P(BackendTest, AllocatedMemoryIsWritableLikeRegistered) {
   for (const MemoryRegion& r : {dst, rbig}) EXPECT_TRUE(b_.backend->DeregisterMemory(r).ok());
 }
 
+TEST_P(BackendTest, AllocatedMemoryWritesLandInPostingOrder) {
+  SKIP_WITHOUT_ALLOC();
+  MemoryRegion src = Allocate(a_, 4096);
+  MemoryRegion dst = Allocate(b_, 4096);
+  auto* s = static_cast<uint8_t*>(src.addr);
+  auto* d = static_cast<uint8_t*>(dst.addr);
+  std::memset(d, 0, dst.length);
+  WarmUp(a_, b_, src, ToRemote(dst));
+  // Overlapping writes posted back to back, small (ucx: inline in the
+  // mailbox slot) and large, in both orders: the later one wins.
+  std::memset(s, 0x11, 64);        // [0, 64): small then large
+  std::memset(s + 64, 0x22, 64);   // [64, 128)
+  std::memset(s + 128, 0x33, 8);   // [128, 136): large then small
+  std::memset(s + 136, 0x44, 64);  // [136, 200)
+  ASSERT_TRUE(a_.backend->PostWrite(1, src, 0, ToRemote(dst), 0, 8, 1, 1).ok());
+  ASSERT_TRUE(a_.backend->PostWrite(1, src, 64, ToRemote(dst), 0, 64, 2, 2).ok());
+  ASSERT_TRUE(a_.backend->PostWrite(1, src, 136, ToRemote(dst), 256, 64, 3, 3).ok());
+  ASSERT_TRUE(a_.backend->PostWrite(1, src, 128, ToRemote(dst), 256, 8, 4, 4).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return a_.Count(CompletionType::kWriteDone) == 4 && b_.Count(CompletionType::kWriteImm) == 4;
+  }));
+  for (const auto& c : a_.Take(CompletionType::kWriteDone)) EXPECT_TRUE(c.status.ok()) << c.status.ToString();
+  for (int i = 0; i < 64; ++i) ASSERT_EQ(d[i], 0x22) << "byte " << i;
+  for (int i = 0; i < 8; ++i) ASSERT_EQ(d[256 + i], 0x33) << "byte " << 256 + i;
+  for (int i = 8; i < 64; ++i) ASSERT_EQ(d[256 + i], 0x44) << "byte " << 256 + i;
+  // A read posted right after a small write sees it.
+  if (a_.backend->capabilities().supports_read) {
+    MemoryRegion back = Allocate(a_, 4096);
+    std::memset(back.addr, 0, back.length);
+    std::memset(s + 512, 0x5C, 8);
+    ASSERT_TRUE(a_.backend->PostWrite(1, src, 512, ToRemote(dst), 1024, 8, 5, 5).ok());
+    ASSERT_TRUE(a_.backend->PostRead(1, back, 0, ToRemote(dst), 1024, 8, 6).ok());
+    ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] { return a_.Count(CompletionType::kReadDone) == 1; }));
+    EXPECT_TRUE(a_.Take(CompletionType::kReadDone)[0].status.ok());
+    for (int i = 0; i < 8; ++i) EXPECT_EQ(static_cast<uint8_t*>(back.addr)[i], 0x5C) << i;
+  }
+}
+
 TEST_P(BackendTest, AllocatedMemoryRangesAreEnforced) {
   SKIP_WITHOUT_ALLOC();
   MemoryRegion src = Allocate(a_, 8192);
