@@ -850,6 +850,24 @@ class UcxBackend final : public Backend {
   ucs_status_t OnReadResp(Conn* c, const void* header, size_t header_length, void* data, size_t length,
                           const ucp_am_recv_param_t* param);
 
+  Region* FindRegionLocked(uint64_t key) {
+    if (last_region_ != nullptr && last_region_key_ == key) return last_region_;
+    auto it = regions_.find(key);
+    if (it == regions_.end()) return nullptr;
+    last_region_key_ = key;
+    last_region_ = &it->second;
+    return last_region_;
+  }
+  Conn* FindPeerLocked(PeerId peer) {
+    if (last_peer_conn_ != nullptr && last_peer_ == peer) return last_peer_conn_;
+    auto it = by_peer_.find(peer);
+    if (it == by_peer_.end()) return nullptr;
+    last_peer_ = peer;
+    last_peer_conn_ = it->second;
+    return last_peer_conn_;
+  }
+  void ForgetPeerCacheLocked() { last_peer_conn_ = nullptr; }
+
   // Direct writes (mailbox); all with mu_ held.
   void SetupRxRingLocked(Conn* c);
   void OnRing(Conn* c, const void* header, size_t header_length, const void* data, size_t length,
@@ -925,6 +943,14 @@ class UcxBackend final : public Backend {
   uint32_t sleeping_flag_ = 0;              // what our mailboxes' `sleeping` words say
   uint32_t sleep_gen_ = 0;                  // a new non-zero value for every sleep
   unsigned ring_first_ = 0;                 // Poll rounds in a row that skipped UCX progress
+  // One-entry caches in front of regions_ and by_peer_ for the write and
+  // mailbox paths (a hash lookup is a 64-bit division, ~10% of a shared-
+  // memory message's software path). Unordered_map elements stay put, so
+  // the pointers hold until the entry is erased or replaced (reset there).
+  uint64_t last_region_key_ = 0;
+  Region* last_region_ = nullptr;
+  PeerId last_peer_ = kInvalidPeer;
+  Conn* last_peer_conn_ = nullptr;
 
   std::atomic<uint64_t> activity_{0};
   std::mutex helper_mu_;
@@ -1242,6 +1268,7 @@ void UcxBackend::ServeHandshake(Fd sock, const std::string& address) {
     Status st = CreateEpLocked(c, peer_worker, peer_errors_);
     if (!st.ok()) return refuse(st.message());
     by_peer_[rank] = c;
+    ForgetPeerCacheLocked();
     Completion up;
     up.type = CompletionType::kPeerConnected;
     up.peer = rank;
@@ -1368,6 +1395,7 @@ Status UcxBackend::Connect(PeerId peer, const std::string& address) {
   ZW_RETURN_IF_ERROR(already());
   Conn* c = NewConnLocked(peer, address, ConnState::kOpen);
   by_peer_[peer] = c;
+  ForgetPeerCacheLocked();
   if (!refusal.empty()) {
     // As on tcp, the connection is made and the refusal shows on the
     // operations posted to it (e.g. a duplicate rank).
@@ -1380,6 +1408,7 @@ Status UcxBackend::Connect(PeerId peer, const std::string& address) {
   Status st = CreateEpLocked(c, peer_worker, peer_errors);
   if (!st.ok()) {
     by_peer_.erase(peer);
+    ForgetPeerCacheLocked();
     return st;
   }
   c->sock = sock.Release();
@@ -1486,6 +1515,7 @@ Status UcxBackend::DeregisterMemory(const MemoryRegion& region) {
   // alive (never anything of ours), and we refuse what it writes there.
   DestroySegment(it->second.seg);
   regions_.erase(it);
+  last_region_ = nullptr;
   return Status::Ok();
 }
 
@@ -1561,14 +1591,12 @@ Status UcxBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t lo
   Touch();
   std::lock_guard lk(mu_);
   if (closed_) return Cancelled("ucx backend closed");
-  auto reg = regions_.find(local.key);
+  Region* reg = FindRegionLocked(local.key);
   ZW_RETURN_IF_ERROR(internal::CheckLocalRange(
-      "PostWrite", local,
-      reg != regions_.end() && reg->second.addr == local.addr && reg->second.length == local.length,
+      "PostWrite", local, reg != nullptr && reg->addr == local.addr && reg->length == local.length,
       local_offset, length));
-  auto it = by_peer_.find(peer);
-  if (it == by_peer_.end()) return FailedPrecondition("peer " + std::to_string(peer) + " is not connected");
-  Conn* c = it->second;
+  Conn* c = FindPeerLocked(peer);
+  if (c == nullptr) return FailedPrecondition("peer " + std::to_string(peer) + " is not connected");
   if (c->state == ConnState::kClosed) return FailedPostLocked(c, CompletionType::kWriteDone, context);
   Op* op = AllocOpLocked(OpKind::kWrite, c);
   op->seq = c->next_seq++;
@@ -1577,7 +1605,7 @@ Status UcxBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t lo
   op->offset = remote_offset;
   op->length = length;
   const uint8_t* src = static_cast<const uint8_t*>(local.addr) + local_offset;
-  if (c->tx_ring != nullptr && reg->second.kind == MemoryKind::kHost) {
+  if (c->tx_ring != nullptr && reg->kind == MemoryKind::kHost) {
     // Direct: the bytes and the slot are in the target's memory when this
     // returns; the op waits for its ack like any other.
     const Conn::RemoteMap* m = DirectTargetLocked(c, remote);
@@ -1596,8 +1624,7 @@ Status UcxBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t lo
   c->unacked.push_back(op);
   // CUDA-capable builds send every write by rendezvous: the target then
   // places even small payloads with UCX's memory-type-aware copies.
-  IssueLocked(op, kAmWrite, src, length, reg->second.memh, reg->second.kind,
-              cuda_ ? UCP_AM_SEND_FLAG_RNDV : 0);
+  IssueLocked(op, kAmWrite, src, length, reg->memh, reg->kind, cuda_ ? UCP_AM_SEND_FLAG_RNDV : 0);
   return Status::Ok();
 }
 
@@ -2397,14 +2424,14 @@ bool UcxBackend::PollRingLocked(Conn* c, uint64_t max_seq) {
     // still decides (the region may have been freed since: the bytes then
     // went to pages only the writer still maps).
     uint32_t nack = 0;
-    auto reg = regions_.find(v.key);
-    if (reg == regions_.end() || !reg->second.allocated) {
+    Region* reg = FindRegionLocked(v.key);
+    if (reg == nullptr || !reg->allocated) {
       nack = kNackUnknownKey;
-    } else if (!RangeInside(v.offset, v.length, reg->second.length) ||
+    } else if (!RangeInside(v.offset, v.length, reg->length) ||
                ((v.flags & kSlotInline) && v.length > kInlineBytes)) {
       nack = kNackOutOfRange;
     } else if ((v.flags & kSlotInline) && v.length > 0) {
-      std::memcpy(static_cast<uint8_t*>(reg->second.addr) + v.offset, v.data, v.length);
+      std::memcpy(static_cast<uint8_t*>(reg->addr) + v.offset, v.data, v.length);
     }
     DeliverLocked(c, ++c->rx_seq, nack, std::move(comp));
   }
