@@ -46,6 +46,7 @@ struct Capabilities {
   size_t max_control_bytes = 0;          // largest PostSend payload
   size_t max_write_bytes = 0;            // largest single PostWrite
   bool supports_read = false;            // optional section: PostRead (one-sided get)
+  bool supports_alloc = false;           // optional section: AllocateMemory (backend-owned memory)
 
   bool SupportsMemory(MemoryKind kind) const;
 };
@@ -122,6 +123,19 @@ class Backend {
 
   virtual Result<MemoryRegion> RegisterMemory(void* addr, size_t length, MemoryKind kind) = 0;
   virtual Status DeregisterMemory(const MemoryRegion& region) = 0;
+
+  // Optional (capabilities().supports_alloc): allocates `length` bytes of
+  // registered memory that the backend owns (NIXL / UCX style, as
+  // ucp_mem_map(UCP_MEM_MAP_ALLOCATE) gives ucx_perftest its buffers). ucx:
+  // shared memory, which a peer on the same host writes with a plain copy
+  // instead of through UCX's data path. The region behaves like one from
+  // RegisterMemory in every call; its contents start unspecified;
+  // DeregisterMemory frees it and its key is never reused. Backends without
+  // the capability return kNotSupported.
+  virtual Result<MemoryRegion> AllocateMemory(size_t length, MemoryKind kind) {
+    (void)length, (void)kind;
+    return NotSupported(capabilities().name + ": AllocateMemory is not offered by this backend");
+  }
 
   // One-sided write of [local.addr + local_offset, +length) into the peer's
   // region at remote_offset; the peer gets `imm`. `context` comes back in the

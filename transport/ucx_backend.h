@@ -23,6 +23,16 @@
 // PostRead (supports_read) is a request message the target validates the
 // same way and answers with the bytes from its registered region.
 //
+// AllocateMemory (supports_alloc) gives registered shared memory (a sealed
+// memfd). A write into such memory of a peer on the same host (where
+// UCX_TLS lets UCX use shared memory) goes direct: the initiator copies the
+// bytes into its own mapping of the target's memory and the immediate
+// travels through a mailbox (a ring of one-cache-line slots in the target's
+// shared memory, polled by its progress), writes of at most 8 bytes inside
+// the slot itself; no UCX data path, as ucx_perftest's put into memory from
+// ucp_mem_map(UCP_MEM_MAP_ALLOCATE). Ordering, acks, refusals and peer
+// failure are as for the other writes; see ucx_backend.cc.
+//
 // CUDA memory (MemoryKind::kCuda) is offered only where ucp_context_query
 // reports UCS_MEMORY_TYPE_CUDA support, i.e. a UCX built with its cuda
 // module (Debian's is not); RegisterMemory refuses it elsewhere.
@@ -33,6 +43,8 @@
 //   ZIPWIRE_UCX_IDLE_PROGRESS_US (default 1000): how long the backend may sit
 //     without Poll / post activity before a fallback thread makes progress
 //     (acks, incoming data) on the owner's behalf.
+//   ZIPWIRE_UCX_DIRECT (default 1): 0 turns direct writes and mailboxes off
+//     (everything through UCX active messages).
 //   ZIPWIRE_UCX_PEER_ERRORS (default 1): 1 gives endpoints UCX's peer-failure
 //     handling where the transports allow it, which keeps lanes without it
 //     (posix / sysv / cma) out of use; 0 creates them without, so that with

@@ -954,6 +954,268 @@ TEST_P(PendingOpsTest, DeregisterWhileResponsesStreamReturns) {
   }
 }
 
+// ---------------------------------------------------------------------------
+// The optional AllocateMemory section: backend-owned registered memory (ucx:
+// shared memory that a same-host peer writes directly, with its immediates
+// through a mailbox). Skipped for backends without supports_alloc.
+
+#define SKIP_WITHOUT_ALLOC()                                                       \
+  if (!a_.backend->capabilities().supports_alloc) {                                \
+    EXPECT_EQ(a_.backend->AllocateMemory(4096, MemoryKind::kHost).status().code(), \
+              StatusCode::kNotSupported);                                          \
+    GTEST_SKIP() << GetParam() << " does not claim supports_alloc";                \
+  }
+
+MemoryRegion Allocate(Node& n, size_t bytes) {
+  auto r = n.backend->AllocateMemory(bytes, MemoryKind::kHost);
+  EXPECT_TRUE(r.ok()) << r.status().ToString();
+  if (!r.ok()) return MemoryRegion{};
+  EXPECT_NE(r->addr, nullptr);
+  EXPECT_EQ(r->length, bytes);
+  EXPECT_EQ(r->kind, MemoryKind::kHost);
+  return *r;
+}
+
+// One write from a to `remote`, waited for: afterwards the initiator knows
+// how to reach the region (ucx: maps it), so what follows takes the fast path.
+void WarmUp(Node& a, Node& b, const MemoryRegion& local, const RemoteRegion& remote) {
+  ASSERT_TRUE(a.backend->PostWrite(1, local, 0, remote, 0, 8, 0xfffffff0u, 0xfff0).ok());
+  ASSERT_TRUE(PumpUntil({&a, &b}, [&] {
+    return a.Count(CompletionType::kWriteDone) == 1 && b.Count(CompletionType::kWriteImm) == 1;
+  }));
+  EXPECT_TRUE(a.Take(CompletionType::kWriteDone)[0].status.ok());
+  b.Take(CompletionType::kWriteImm);
+  // The rkey answer may trail the first write's ack: give it a few rounds.
+  for (int i = 0; i < 20; ++i) {
+    a.Pump(1ms);
+    b.Pump(0ms);
+  }
+}
+
+TEST_P(BackendTest, AllocatedMemoryIsWritableLikeRegistered) {
+  SKIP_WITHOUT_ALLOC();
+  constexpr int kWrites = 3000;
+  constexpr size_t kChunk = 256;
+  MemoryRegion src = Allocate(a_, kWrites * kChunk);
+  MemoryRegion dst = Allocate(b_, kWrites * kChunk);
+  EXPECT_NE(src.key, 0u);
+  std::vector<uint8_t> pattern(kWrites * kChunk);
+  FillRandom(pattern, 21);
+  std::memcpy(src.addr, pattern.data(), pattern.size());
+  std::memset(dst.addr, 0, dst.length);
+  WarmUp(a_, b_, src, ToRemote(dst));
+  // Writes of every size (0 .. kChunk) with sends in between: order and
+  // exactly-once across whatever paths the backend mixes.
+  for (int i = 0; i < kWrites; ++i) {
+    const uint64_t len = (i % 7 == 0) ? 0 : kChunk - (i % 3);
+    ASSERT_TRUE(a_.backend->PostWrite(1, src, i * kChunk, ToRemote(dst), i * kChunk, len, i, i).ok());
+    if (i % 10 == 0) {
+      uint8_t m[4];
+      std::memcpy(m, &i, 4);
+      ASSERT_TRUE(a_.backend->PostSend(1, m, 100000 + i).ok());
+    }
+    if (i % 128 == 0) {
+      a_.Pump(0ms);
+      b_.Pump(0ms);
+    }
+  }
+  const size_t sends = (kWrites + 9) / 10;
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return a_.Count(CompletionType::kWriteDone) == kWrites && a_.Count(CompletionType::kSendDone) == sends &&
+           b_.Count(CompletionType::kWriteImm) == kWrites && b_.Count(CompletionType::kRecvMessage) == sends;
+  }));
+  for (const auto& c : a_.got) EXPECT_TRUE(c.status.ok()) << c.status.ToString();
+  uint32_t next_imm = 0;
+  int next_msg = 0;
+  for (const auto& c : b_.got) {
+    if (c.type == CompletionType::kWriteImm) {
+      ASSERT_EQ(c.imm, next_imm) << "immediates out of order";
+      EXPECT_EQ(c.key, dst.key);
+      EXPECT_EQ(c.offset, uint64_t{next_imm} * kChunk);
+      EXPECT_EQ(c.length, (next_imm % 7 == 0) ? 0u : kChunk - (next_imm % 3));
+      // The bytes are there when the immediate is.
+      if (c.length > 0) {
+        ASSERT_EQ(
+            std::memcmp(static_cast<uint8_t*>(dst.addr) + c.offset, pattern.data() + c.offset, c.length), 0)
+            << "write " << next_imm;
+      }
+      ++next_imm;
+    } else if (c.type == CompletionType::kRecvMessage) {
+      int v;
+      ASSERT_EQ(c.message.size(), 4u);
+      std::memcpy(&v, c.message.data(), 4);
+      EXPECT_EQ(v, next_msg);
+      // Message v was posted right after write v.
+      EXPECT_EQ(static_cast<uint32_t>(v) + 1, next_imm) << "a message and the writes around it out of order";
+      next_msg += 10;
+    }
+  }
+  a_.got.clear();
+  b_.got.clear();
+  // A large write into allocated memory, from registered memory.
+  constexpr size_t kBig = size_t{16} << 20;
+  std::vector<uint8_t> big(kBig);
+  FillRandom(big, 22);
+  MemoryRegion lbig = Register(a_, big);
+  MemoryRegion rbig = Allocate(b_, kBig + 64);
+  std::memset(rbig.addr, 0xEE, rbig.length);
+  WarmUp(a_, b_, lbig, ToRemote(rbig));
+  ASSERT_TRUE(a_.backend->PostWrite(1, lbig, 0, ToRemote(rbig), 32, kBig, 5, 5).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return a_.Count(CompletionType::kWriteDone) == 1 && b_.Count(CompletionType::kWriteImm) == 1;
+  }));
+  EXPECT_TRUE(a_.Take(CompletionType::kWriteDone)[0].status.ok());
+  const auto* landed = static_cast<const uint8_t*>(rbig.addr);
+  EXPECT_EQ(Checksum(landed + 32, kBig), Checksum(big.data(), kBig));
+  EXPECT_EQ(landed[31], 0xEE);
+  EXPECT_EQ(landed[32 + kBig], 0xEE);
+  for (const MemoryRegion& r : {src, lbig}) EXPECT_TRUE(a_.backend->DeregisterMemory(r).ok());
+  for (const MemoryRegion& r : {dst, rbig}) EXPECT_TRUE(b_.backend->DeregisterMemory(r).ok());
+}
+
+TEST_P(BackendTest, AllocatedMemoryWritesLandInPostingOrder) {
+  SKIP_WITHOUT_ALLOC();
+  MemoryRegion src = Allocate(a_, 4096);
+  MemoryRegion dst = Allocate(b_, 4096);
+  auto* s = static_cast<uint8_t*>(src.addr);
+  auto* d = static_cast<uint8_t*>(dst.addr);
+  std::memset(d, 0, dst.length);
+  WarmUp(a_, b_, src, ToRemote(dst));
+  // Overlapping writes posted back to back, small (ucx: inline in the
+  // mailbox slot) and large, in both orders: the later one wins.
+  std::memset(s, 0x11, 64);        // [0, 64): small then large
+  std::memset(s + 64, 0x22, 64);   // [64, 128)
+  std::memset(s + 128, 0x33, 8);   // [128, 136): large then small
+  std::memset(s + 136, 0x44, 64);  // [136, 200)
+  ASSERT_TRUE(a_.backend->PostWrite(1, src, 0, ToRemote(dst), 0, 8, 1, 1).ok());
+  ASSERT_TRUE(a_.backend->PostWrite(1, src, 64, ToRemote(dst), 0, 64, 2, 2).ok());
+  ASSERT_TRUE(a_.backend->PostWrite(1, src, 136, ToRemote(dst), 256, 64, 3, 3).ok());
+  ASSERT_TRUE(a_.backend->PostWrite(1, src, 128, ToRemote(dst), 256, 8, 4, 4).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return a_.Count(CompletionType::kWriteDone) == 4 && b_.Count(CompletionType::kWriteImm) == 4;
+  }));
+  for (const auto& c : a_.Take(CompletionType::kWriteDone)) EXPECT_TRUE(c.status.ok()) << c.status.ToString();
+  for (int i = 0; i < 64; ++i) ASSERT_EQ(d[i], 0x22) << "byte " << i;
+  for (int i = 0; i < 8; ++i) ASSERT_EQ(d[256 + i], 0x33) << "byte " << 256 + i;
+  for (int i = 8; i < 64; ++i) ASSERT_EQ(d[256 + i], 0x44) << "byte " << 256 + i;
+  // A read posted right after a small write sees it.
+  if (a_.backend->capabilities().supports_read) {
+    MemoryRegion back = Allocate(a_, 4096);
+    std::memset(back.addr, 0, back.length);
+    std::memset(s + 512, 0x5C, 8);
+    ASSERT_TRUE(a_.backend->PostWrite(1, src, 512, ToRemote(dst), 1024, 8, 5, 5).ok());
+    ASSERT_TRUE(a_.backend->PostRead(1, back, 0, ToRemote(dst), 1024, 8, 6).ok());
+    ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] { return a_.Count(CompletionType::kReadDone) == 1; }));
+    EXPECT_TRUE(a_.Take(CompletionType::kReadDone)[0].status.ok());
+    for (int i = 0; i < 8; ++i) EXPECT_EQ(static_cast<uint8_t*>(back.addr)[i], 0x5C) << i;
+  }
+}
+
+TEST_P(BackendTest, AllocatedMemoryRangesAreEnforced) {
+  SKIP_WITHOUT_ALLOC();
+  MemoryRegion src = Allocate(a_, 8192);
+  std::memset(src.addr, 0xAB, src.length);
+  MemoryRegion dst = Allocate(b_, 4096);
+  auto* d = static_cast<uint8_t*>(dst.addr);
+  std::memset(d, 0, dst.length);
+  WarmUp(a_, b_, src, ToRemote(dst));
+  std::memset(d, 0, dst.length);
+  // Refused at post.
+  EXPECT_EQ(a_.backend->PostWrite(1, src, 0, ToRemote(dst), 4000, 100, 0, 0).code(), StatusCode::kOutOfRange);
+  EXPECT_EQ(a_.backend->PostWrite(1, src, 8100, ToRemote(dst), 0, 100, 0, 0).code(), StatusCode::kOutOfRange);
+  // A forged RemoteRegion (longer than the allocation) is refused as a
+  // whole, and nothing of it lands.
+  RemoteRegion forged = ToRemote(dst);
+  forged.length = 8192;
+  ASSERT_TRUE(a_.backend->PostWrite(1, src, 0, forged, 2048, 4096, 1, 11).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] { return a_.Count(CompletionType::kWriteDone) == 1; }));
+  auto done = a_.Take(CompletionType::kWriteDone);
+  EXPECT_EQ(done[0].status.code(), StatusCode::kOutOfRange) << done[0].status.ToString();
+  EXPECT_EQ(b_.Count(CompletionType::kWriteImm), 0u);
+  for (size_t i = 0; i < dst.length; ++i) ASSERT_EQ(d[i], 0) << "byte " << i << " was written";
+  // The connection goes on working.
+  ASSERT_TRUE(a_.backend->PostWrite(1, src, 0, forged, 0, 4096, 2, 12).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return a_.Count(CompletionType::kWriteDone) == 1 && b_.Count(CompletionType::kWriteImm) == 1;
+  }));
+  EXPECT_TRUE(a_.Take(CompletionType::kWriteDone)[0].status.ok());
+  EXPECT_EQ(b_.Take(CompletionType::kWriteImm)[0].imm, 2u);
+  EXPECT_EQ(d[0], 0xAB);
+  EXPECT_EQ(d[4095], 0xAB);
+  EXPECT_EQ(a_.Count(CompletionType::kPeerError) + b_.Count(CompletionType::kPeerError), 0u);
+}
+
+TEST_P(BackendTest, FreedAllocationRefusesWritesAndKeysAreNotReused) {
+  SKIP_WITHOUT_ALLOC();
+  MemoryRegion src = Allocate(a_, 4096);
+  std::memset(src.addr, 0x5A, src.length);
+  MemoryRegion old_region = Allocate(b_, 4096);
+  WarmUp(a_, b_, src, ToRemote(old_region));  // a knows (ucx: maps) the old region
+  ASSERT_TRUE(b_.backend->DeregisterMemory(old_region).ok());
+  EXPECT_EQ(b_.backend->DeregisterMemory(old_region).code(), StatusCode::kNotFound);
+  MemoryRegion new_region = Allocate(b_, 4096);
+  EXPECT_NE(new_region.key, old_region.key);
+  std::memset(new_region.addr, 0, new_region.length);
+  // A write through the stale key is refused; the new allocation (which may
+  // sit where the old one was) sees none of it.
+  ASSERT_TRUE(a_.backend->PostWrite(1, src, 0, ToRemote(old_region), 0, 4096, 1, 1).ok());
+  ASSERT_TRUE(a_.backend->PostWrite(1, src, 0, ToRemote(new_region), 0, 16, 2, 2).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return a_.Count(CompletionType::kWriteDone) == 2 && b_.Count(CompletionType::kWriteImm) == 1;
+  }));
+  std::map<uint64_t, Status> by_ctx;
+  for (auto& c : a_.Take(CompletionType::kWriteDone)) by_ctx[c.context] = c.status;
+  EXPECT_EQ(by_ctx[1].code(), StatusCode::kOutOfRange) << by_ctx[1].ToString();
+  EXPECT_TRUE(by_ctx[2].ok()) << by_ctx[2].ToString();
+  auto imm = b_.Take(CompletionType::kWriteImm);
+  EXPECT_EQ(imm[0].imm, 2u);
+  EXPECT_EQ(imm[0].key, new_region.key);
+  const auto* n = static_cast<const uint8_t*>(new_region.addr);
+  EXPECT_EQ(n[15], 0x5A);
+  for (size_t i = 16; i < new_region.length; ++i) ASSERT_EQ(n[i], 0) << "stale write landed at " << i;
+  // Writes go on after the refusal (the stale mapping is dropped).
+  ASSERT_TRUE(a_.backend->PostWrite(1, src, 0, ToRemote(old_region), 0, 8, 3, 3).ok());
+  ASSERT_TRUE(a_.backend->PostWrite(1, src, 0, ToRemote(new_region), 16, 16, 4, 4).ok());
+  ASSERT_TRUE(PumpUntil({&a_, &b_}, [&] {
+    return a_.Count(CompletionType::kWriteDone) == 2 && b_.Count(CompletionType::kWriteImm) == 1;
+  }));
+  by_ctx.clear();
+  for (auto& c : a_.Take(CompletionType::kWriteDone)) by_ctx[c.context] = c.status;
+  EXPECT_EQ(by_ctx[3].code(), StatusCode::kOutOfRange) << by_ctx[3].ToString();
+  EXPECT_TRUE(by_ctx[4].ok()) << by_ctx[4].ToString();
+  // Many allocations and frees: keys stay unique.
+  std::set<uint64_t> keys = {src.key, old_region.key, new_region.key};
+  for (int i = 0; i < 50; ++i) {
+    MemoryRegion r = Allocate(b_, 4096 * (1 + i % 3));
+    EXPECT_TRUE(keys.insert(r.key).second) << "key " << r.key << " reused";
+    ASSERT_TRUE(b_.backend->DeregisterMemory(r).ok());
+  }
+}
+
+TEST_P(PendingOpsTest, PeerCloseFailsPendingWritesToAllocatedMemory) {
+  SKIP_WITHOUT_ALLOC();
+  constexpr int kOps = 64;
+  constexpr size_t kChunk = 64 << 10;
+  MemoryRegion src = Allocate(a_, kOps * kChunk);
+  MemoryRegion dst = Allocate(b_, kOps * kChunk);
+  WarmUp(a_, b_, src, ToRemote(dst));
+  for (int i = 0; i < kOps; ++i) {
+    ASSERT_TRUE(a_.backend->PostWrite(1, src, i * kChunk, ToRemote(dst), i * kChunk, kChunk, i, i).ok());
+  }
+  a_.Pump(0ms);  // b does not poll: nothing is acknowledged
+  b_.backend->Close();
+  ASSERT_TRUE(PumpUntil({&a_}, [&] {
+    return a_.Count(CompletionType::kWriteDone) == kOps && a_.Count(CompletionType::kPeerError) >= 1;
+  }));
+  std::set<uint64_t> ctx;
+  for (const auto& c : a_.Take(CompletionType::kWriteDone)) {
+    EXPECT_TRUE(ctx.insert(c.context).second) << "completed twice: " << c.context;
+    EXPECT_EQ(c.status.code(), StatusCode::kPeerClosed) << c.status.ToString();
+  }
+  EXPECT_EQ(a_.backend->PostWrite(1, src, 0, ToRemote(dst), 0, 8, 0, 0).code(), StatusCode::kPeerClosed);
+  EXPECT_TRUE(a_.backend->DeregisterMemory(src).ok());
+}
+
 // The backends built into this binary. verbs tests skip where no RDMA device
 // exists (the host); they run for real in the soft-RoCE guest (ctest -L
 // softroce). Tests are named by backend ("/verbs") so filters can pick one.
