@@ -25,7 +25,7 @@ using Clock = std::chrono::steady_clock;
 namespace asio = boost::asio;
 
 constexpr uint64_t kMagic = 0x3273686b58435557ull;  // see ucx_backend.cc
-constexpr uint32_t kVersion = 2;
+constexpr uint32_t kVersion = 3;
 
 std::vector<uint8_t> Header(uint64_t magic, uint32_t version, uint32_t word, uint32_t bytes) {
   std::vector<uint8_t> h(24, 0);
