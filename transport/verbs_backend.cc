@@ -69,6 +69,7 @@
 #include "transport/verbs_backend.h"
 
 #include <arpa/inet.h>
+#include <endian.h>
 #include <fcntl.h>
 #include <infiniband/verbs.h>
 #include <netdb.h>
@@ -120,7 +121,17 @@ constexpr uint8_t kPort = 1;
 constexpr uint64_t kRecvBit = uint64_t{1} << 63;
 
 constexpr uint64_t kHelloMagic = 0x3176005642495a57ull;  // "WZIBV\0v1"
-constexpr uint32_t kWireVersion = 2;                     // 2: eager writes, REPLY says the memory kind
+// 2: eager writes, REPLY says the memory kind; 3: mailboxes, sequence tags.
+constexpr uint32_t kWireVersion = 3;
+
+// The mailbox (see "Mailbox" above): kMboxSlots records of kMboxSlotBytes in
+// registered memory at the target, written by the peer with one inline RDMA
+// WRITE each: [stamp | 40-byte header | payload, padded to 8 | stamp].
+constexpr uint32_t kMboxSlots = 128;
+constexpr size_t kMboxSlotBytes = 256;
+constexpr size_t kMboxOverhead = 8 + kHeaderBytes + 8;
+constexpr size_t kMboxMaxPayload = kMboxSlotBytes - kMboxOverhead;  // 200
+constexpr size_t MboxRecordBytes(uint64_t payload) { return kMboxOverhead + ((payload + 7) & ~uint64_t{7}); }
 constexpr size_t kHelloBytes = 240;
 constexpr size_t kReasonBytes = 64;
 
@@ -134,6 +145,7 @@ enum MsgType : uint8_t {
   kUnreg = 7,
   kEager = 8,  // a small write whose bytes ride in the message (copied at the target)
   kRead = 9,   // never on the wire: a PostRead's Op
+  kMbox = 10,  // announces our mailbox: key = its rkey, offset = its address, length = slots
 };
 // REPLY codes: the key is dead, live in host memory, live in other memory.
 enum ReplyCode : uint8_t { kReplyDead = 0, kReplyHost = 1, kReplyDevice = 2 };
@@ -331,6 +343,20 @@ struct Conn {
   uint64_t ack_sent = 0;
   bool ack_dirty = false;
   uint64_t ack_arm_pass = 0;  // the progress pass that first left a message unacknowledged
+  uint64_t last_rx_pass = 0;  // the progress pass that last processed a message from the peer
+
+  // Our mailbox, which the peer writes (target side).
+  std::vector<uint64_t> mbox_mem;  // kMboxSlots * kMboxSlotBytes bytes, 8-byte aligned
+  ibv_mr* mbox_mr = nullptr;
+  uint64_t mbox_next = 1;      // the stamp expected in slot mbox_next % kMboxSlots
+  uint64_t mbox_peek_end = 1;  // records seen complete before this pass drained the CQ
+  // The peer's mailbox (initiator side), once its kMbox announcement came.
+  bool peer_mbox = false;
+  uint64_t peer_mbox_addr = 0;
+  uint32_t peer_mbox_rkey = 0;
+  uint64_t mbox_sent = 0;          // records written (stamps 1..mbox_sent)
+  uint64_t mbox_freed = 0;         // records the peer has acknowledged (slots free again)
+  std::vector<uint64_t> mbox_seq;  // per slot: the sequence number of the record in it
 
   std::string Name() const { return "peer " + std::to_string(peer) + " (" + address + ")"; }
 };
@@ -390,7 +416,14 @@ class VerbsBackend final : public Backend {
   size_t ProgressLocked(bool flush_acks = false);
   void HandleWc(const ibv_wc& wc);
   void ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len);
-  bool ApplyAck(Conn* c, uint64_t ack);
+  void HandleWriteLocked(Conn* c, const Header& h, const uint8_t* payload);
+  bool ApplyAck(Conn* c, uint64_t ack, bool stale_ok = false);
+  // Mailbox (mu_ held).
+  void OnEstablishedLocked(Conn* c);
+  const uint8_t* MboxRecord(const Conn* c, uint64_t m) const;
+  bool MboxReady(const Conn* c, uint64_t m) const;
+  bool ProcessMboxRecord(Conn* c, const char* why);
+  bool PostMbox(Conn* c, const Op& op, uint64_t seq);
   void PumpLocked(Conn* c);
   bool PostCtrl(Conn* c, Header h);
   bool CanPostMessage(Conn* c, size_t n) const;
@@ -440,6 +473,7 @@ class VerbsBackend final : public Backend {
   std::unordered_map<uint32_t, Qp*> qp_by_uid_;
   uint32_t next_qp_uid_ = 1;
   std::vector<Conn*> ack_dirty_;
+  std::vector<Conn*> mbox_conns_;  // open connections whose peer may write our mailbox
   std::vector<std::unique_ptr<Op>> op_pool_;
   std::vector<ibv_sge> chain_sges_;  // scratch for WRITE chains; grows, never shrinks
   std::vector<ibv_send_wr> chain_wrs_;
@@ -589,7 +623,8 @@ void VerbsBackend::DestroyConn(Conn* c) {
   }
   if (c->recv_mr) ibv_dereg_mr(c->recv_mr);
   if (c->send_mr) ibv_dereg_mr(c->send_mr);
-  c->recv_mr = c->send_mr = nullptr;
+  if (c->mbox_mr) ibv_dereg_mr(c->mbox_mr);
+  c->recv_mr = c->send_mr = c->mbox_mr = nullptr;
   if (c->side_fd >= 0) ::close(c->side_fd);
   c->side_fd = -1;
 }
@@ -613,6 +648,10 @@ Result<std::unique_ptr<Conn>> VerbsBackend::NewConn(PeerId peer, std::string add
   for (uint32_t i = 0; i < kSendSlots; ++i) c->free_slots.push_back(kSendSlots - 1 - i);
   c->recv_mr = ibv_reg_mr(pd_, c->recv_slab.data(), c->recv_slab.size(), IBV_ACCESS_LOCAL_WRITE);
   c->send_mr = ibv_reg_mr(pd_, c->send_slab.data(), c->send_slab.size(), IBV_ACCESS_LOCAL_WRITE);
+  c->mbox_mem.assign(kMboxSlots * kMboxSlotBytes / 8, 0);
+  c->mbox_seq.assign(kMboxSlots, 0);
+  c->mbox_mr = ibv_reg_mr(pd_, c->mbox_mem.data(), kMboxSlots * kMboxSlotBytes,
+                          IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
   auto fail = [&](const std::string& what) -> Status {
     Status st = IoError("verbs: " + what + " for " + c->Name() + ": " + std::strerror(errno));
     DestroyConn(c.get());
@@ -620,7 +659,7 @@ Result<std::unique_ptr<Conn>> VerbsBackend::NewConn(PeerId peer, std::string add
     cq_reserved_ -= need;
     return st;
   };
-  if (!c->recv_mr || !c->send_mr) return fail("ibv_reg_mr of the message rings");
+  if (!c->recv_mr || !c->send_mr || !c->mbox_mr) return fail("ibv_reg_mr of the message rings");
   for (uint32_t i = 0; i < nqps; ++i) {
     ibv_qp_init_attr ia{};
     ia.send_cq = cq_;
@@ -854,6 +893,7 @@ void VerbsBackend::HandleAccept(int fd, std::string address) {
   c->side_fd = fd;
   c->established = c->open = true;
   by_peer_[in.rank] = c.get();
+  OnEstablishedLocked(c.get());
   conns_.push_back(std::move(c));
   Completion up;
   up.type = CompletionType::kPeerConnected;
@@ -981,6 +1021,7 @@ Status VerbsBackend::Connect(PeerId peer, const std::string& address) {
   c->side_fd = fd;
   c->established = c->open = true;
   by_peer_[peer] = c.get();
+  OnEstablishedLocked(c.get());
   conns_.push_back(std::move(c));
   helper_fds_gen_.fetch_add(1);
   uint64_t one64 = 1;
@@ -1293,6 +1334,113 @@ bool VerbsBackend::PostMessage(Conn* c, Header h, const uint8_t* payload, size_t
 
 bool VerbsBackend::PostCtrl(Conn* c, Header h) { return PostMessage(c, h, nullptr, 0); }
 
+// A small host-to-host write as one record in the peer's mailbox: an inline
+// RDMA WRITE on QP 0, so RC orders it with the SENDs around it (check
+// q0->Free() and the mailbox's room first). Where the peer sent us something
+// in this or the previous progress pass it is busy-polling and finds the
+// record in memory; otherwise it may be asleep on its completion channel, so
+// the record goes as a WRITE WITH IMM (the immediate names the record), whose
+// receive completion wakes it: a doorbell.
+bool VerbsBackend::PostMbox(Conn* c, const Op& op, uint64_t seq) {
+  const uint64_t m = c->mbox_sent + 1;
+  const size_t bytes = MboxRecordBytes(op.length);
+  alignas(8) uint8_t rec[kMboxSlotBytes];
+  PutLE<uint64_t>(rec, m);
+  Header h;
+  h.type = kEager;
+  h.reserved = static_cast<uint16_t>(seq);
+  h.imm = op.imm;
+  h.key = op.key;
+  h.offset = op.remote_offset;
+  h.length = op.length;
+  h.ack = c->rx_seq;
+  c->ack_sent = c->rx_seq;
+  EncodeHeader(h, rec + 8);
+  std::memcpy(rec + 8 + kHeaderBytes, op.local, op.length);
+  std::memset(rec + 8 + kHeaderBytes + op.length, 0, bytes - kMboxOverhead - op.length);
+  PutLE<uint64_t>(rec + bytes - 8, m);
+  ibv_sge sge{reinterpret_cast<uint64_t>(rec), static_cast<uint32_t>(bytes), c->send_mr->lkey};
+  ibv_send_wr wr{};
+  wr.sg_list = &sge;
+  wr.num_sge = 1;
+  wr.send_flags = IBV_SEND_INLINE;
+  wr.wr.rdma.remote_addr = c->peer_mbox_addr + (m % kMboxSlots) * kMboxSlotBytes;
+  wr.wr.rdma.rkey = c->peer_mbox_rkey;
+  const bool peer_polling = c->last_rx_pass != 0 && progress_pass_ - c->last_rx_pass <= 1;
+  if (peer_polling) {
+    wr.opcode = IBV_WR_RDMA_WRITE;
+  } else {
+    wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
+    wr.imm_data = htonl(static_cast<uint32_t>(m));
+  }
+  if (!PostChain(c, c->qps[0].get(), &wr, 1, nullptr)) return false;
+  c->mbox_seq[m % kMboxSlots] = seq;
+  c->mbox_sent = m;
+  return true;
+}
+
+// Once a connection is up: tell the peer where our mailbox is.
+void VerbsBackend::OnEstablishedLocked(Conn* c) {
+  Header h;
+  h.type = kMbox;
+  h.key = c->mbox_mr->rkey;
+  h.offset = reinterpret_cast<uint64_t>(c->mbox_mem.data());
+  h.length = kMboxSlots;
+  c->ctrl_q.push_back(h);
+  PumpLocked(c);
+  mbox_conns_.push_back(c);
+}
+
+const uint8_t* VerbsBackend::MboxRecord(const Conn* c, uint64_t m) const {
+  return reinterpret_cast<const uint8_t*>(c->mbox_mem.data()) + (m % kMboxSlots) * kMboxSlotBytes;
+}
+
+// Record m is complete in memory: its leading and trailing stamps both read m
+// (a slot's previous record had m - kMboxSlots). The acquire loads order the
+// reads of the record's bytes after them.
+bool VerbsBackend::MboxReady(const Conn* c, uint64_t m) const {
+  const uint8_t* p = MboxRecord(c, m);
+  if (le64toh(__atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_ACQUIRE)) != m) return false;
+  const uint64_t len = GetLE<uint64_t>(p + 8 + 32);
+  if (len > kMboxMaxPayload) return false;  // not all there yet (or malformed: the sequence tags tell)
+  const uint8_t* tail = p + MboxRecordBytes(len) - 8;
+  return le64toh(__atomic_load_n(reinterpret_cast<const uint64_t*>(tail), __ATOMIC_ACQUIRE)) == m;
+}
+
+// Processes the next mailbox record if it is complete; false if it is not.
+// Callers know it must be there (an earlier RC message) or saw it complete.
+bool VerbsBackend::ProcessMboxRecord(Conn* c, const char* why) {
+  const uint64_t m = c->mbox_next;
+  if (!MboxReady(c, m)) return false;
+  const uint8_t* p = MboxRecord(c, m);
+  const Header h = DecodeHeader(p + 8);
+  ++c->mbox_next;
+  c->last_rx_pass = progress_pass_;
+  if (h.type != kEager || h.length == 0 || h.length > kMboxMaxPayload ||
+      MboxRecordBytes(h.length) != MboxRecordBytes(GetLE<uint64_t>(p + 8 + 32))) {
+    FailLocked(c, IoError(c->Name() + " sent a malformed mailbox record"), true);
+    return true;
+  }
+  if (h.reserved != static_cast<uint16_t>(c->rx_seq + 1)) {
+    FailLocked(c,
+               IoError(c->Name() + " sent a malformed message: mailbox record " + std::to_string(m) +
+                       " has sequence tag " + std::to_string(h.reserved) + ", expected " +
+                       std::to_string(static_cast<uint16_t>(c->rx_seq + 1)) + " (" + why + ")"),
+               true);
+    return true;
+  }
+  // A record's ack may be older than a control message's that overtook it
+  // (records are processed after the CQ is drained): take the newer.
+  if (!ApplyAck(c, h.ack, /*stale_ok=*/true)) return true;
+  HandleWriteLocked(c, h, p + 8 + kHeaderBytes);
+  if (!c->ack_dirty) {
+    c->ack_dirty = true;
+    c->ack_arm_pass = progress_pass_;
+    ack_dirty_.push_back(c);
+  }
+  return true;
+}
+
 std::unique_ptr<Op> VerbsBackend::NewOpLocked() {
   if (op_pool_.empty()) return std::make_unique<Op>();
   std::unique_ptr<Op> op = std::move(op_pool_.back());
@@ -1339,6 +1487,7 @@ void VerbsBackend::PumpLocked(Conn* c) {
       if (!CanPostMessage(c, op.payload.size())) return;
       Header h;
       h.type = kSend;
+      h.reserved = static_cast<uint16_t>(c->next_seq);  // the sequence tag
       h.length = op.payload.size();
       const uint64_t seq = c->next_seq;
       if (!PostMessage(c, h, op.payload.data(), op.payload.size())) return;
@@ -1412,12 +1561,27 @@ void VerbsBackend::PumpLocked(Conn* c) {
     // target copies it into place (checked against its own table first):
     // one packet instead of WRITE + META, which is what latency is made of.
     // Both ends must be host memory: the CPUs touch the bytes.
+    // Smaller still, it goes into the peer's mailbox (one inline RDMA WRITE,
+    // no receive at the target) while the mailbox has room.
+    if (op.local_host && op.remote_host && op.length > 0 && c->peer_mbox &&
+        MboxRecordBytes(op.length) <= std::min<size_t>(c->max_inline, kMboxSlotBytes) &&
+        c->mbox_sent - c->mbox_freed < kMboxSlots) {
+      if (q0->Free() < 1) return;
+      const uint64_t seq = c->next_seq;
+      if (!PostMbox(c, op, seq)) return;
+      ++c->next_seq;
+      c->last_eager_seq = seq;
+      c->unacked.push_back(Unacked{seq, kMeta, op.context, op.key, op.remote_offset, op.length, nullptr});
+      PopOpLocked(c);
+      continue;
+    }
     const bool eager = op.local_host && op.remote_host && op.length > 0 &&
                        kHeaderBytes + op.length <= std::min<size_t>(c->mtu_bytes, kSlotBytes);
     if (eager) {
       if (!CanPostMessage(c, op.length)) return;
       Header h;
       h.type = kEager;
+      h.reserved = static_cast<uint16_t>(c->next_seq);  // the sequence tag
       h.imm = op.imm;
       h.key = op.key;
       h.offset = op.remote_offset;
@@ -1473,6 +1637,7 @@ void VerbsBackend::PumpLocked(Conn* c) {
       }
       Header h;
       h.type = kMeta;
+      h.reserved = static_cast<uint16_t>(c->next_seq);  // the sequence tag
       h.imm = op.imm;
       h.key = op.key;
       h.offset = op.remote_offset;
@@ -1514,6 +1679,7 @@ void VerbsBackend::PumpLocked(Conn* c) {
     if (op.issued < op.length || op.stripes_inflight > 0 || !CanPostMessage(c, 0)) return;
     Header h;
     h.type = kMeta;
+    h.reserved = static_cast<uint16_t>(c->next_seq);  // the sequence tag
     h.imm = op.imm;
     h.key = op.key;
     h.offset = op.remote_offset;
@@ -1542,13 +1708,33 @@ bool VerbsBackend::PostRecv(Conn* c, uint32_t slot) {
 
 size_t VerbsBackend::ProgressLocked(bool flush_acks) {
   ++progress_pass_;
+  // Mailboxes: note which records are complete *before* draining the CQ.
+  // Whatever RC delivered ahead of them (control messages, SENDs) then has
+  // its completion in the CQ by the time it is drained, so processing those
+  // records afterwards keeps the peer's posting order (acks, NACKs, data).
+  std::erase_if(mbox_conns_, [](const Conn* c) { return !c->open; });
+  for (Conn* c : mbox_conns_) {
+    uint64_t m = c->mbox_next;
+    while (m - c->mbox_next < kMboxSlots && MboxReady(c, m)) ++m;
+    c->mbox_peek_end = m;
+  }
   ibv_wc wc[kPollBatch];
   size_t total = 0;
+  bool drained = false;
   while (total < kMaxWcPerProgress) {
     int n = ibv_poll_cq(cq_, kPollBatch, wc);
-    if (n <= 0) break;
+    if (n <= 0) {
+      drained = n == 0;
+      break;
+    }
     for (int i = 0; i < n; ++i) HandleWc(wc[i]);
     total += static_cast<size_t>(n);
+  }
+  if (drained) {
+    for (size_t i = 0; i < mbox_conns_.size(); ++i) {
+      Conn* c = mbox_conns_[i];
+      while (c->open && c->mbox_next < c->mbox_peek_end && ProcessMboxRecord(c, "mailbox")) ++total;
+    }
   }
   // Every message carries the cumulative ack, so a bare ACK is only sent when
   // the application had a whole progress pass (one more Poll) to answer and
@@ -1600,7 +1786,20 @@ void VerbsBackend::HandleWc(const ibv_wc& wc) {
   }
   if (recv) {
     const uint32_t slot = static_cast<uint32_t>(wc.wr_id & 0xffffffffu);
-    ProcessRecv(c, c->recv_slab.data() + size_t{slot} * kSlotBytes, wc.byte_len);
+    if (wc.opcode == IBV_WC_RECV_RDMA_WITH_IMM) {
+      // A mailbox doorbell: the records up to the one it names are in memory
+      // (RC placed them before this completion). Gap filling may have got
+      // there first.
+      const uint32_t ahead = ntohl(wc.imm_data) - static_cast<uint32_t>(c->mbox_next);
+      if (ahead < 0x80000000u) {
+        bool ok = ahead < kMboxSlots;
+        for (uint32_t i = 0; ok && i <= ahead && c->open; ++i) ok = ProcessMboxRecord(c, "doorbell");
+        if (!ok && c->open)
+          FailLocked(c, IoError(c->Name() + " rang the mailbox doorbell for a record not there"), true);
+      }
+    } else {
+      ProcessRecv(c, c->recv_slab.data() + size_t{slot} * kSlotBytes, wc.byte_len);
+    }
     if (c->open && !PostRecv(c, slot)) {
       FailLocked(c, IoError(c->Name() + ": ibv_post_recv failed"), true);
     }
@@ -1619,8 +1818,8 @@ void VerbsBackend::HandleWc(const ibv_wc& wc) {
   if (s.slot >= 0) c->free_slots.push_back(static_cast<uint32_t>(s.slot));
 }
 
-bool VerbsBackend::ApplyAck(Conn* c, uint64_t ack) {
-  if (ack == c->peer_acked) return true;
+bool VerbsBackend::ApplyAck(Conn* c, uint64_t ack, bool stale_ok) {
+  if (ack == c->peer_acked || (stale_ok && ack < c->peer_acked)) return true;
   if (ack < c->peer_acked || ack >= c->next_seq) {
     FailLocked(c,
                IoError(c->Name() + " sent a malformed message: ack " + std::to_string(ack) + " outside [" +
@@ -1629,6 +1828,9 @@ bool VerbsBackend::ApplyAck(Conn* c, uint64_t ack) {
     return false;
   }
   c->peer_acked = ack;
+  // Mailbox slots whose records are acknowledged were consumed: free again.
+  while (c->mbox_freed < c->mbox_sent && c->mbox_seq[(c->mbox_freed + 1) % kMboxSlots] <= ack)
+    ++c->mbox_freed;
   while (!c->unacked.empty() && c->unacked.front().seq <= ack) {
     const Unacked u = c->unacked.front();
     c->unacked.pop_front();
@@ -1649,6 +1851,43 @@ bool VerbsBackend::ApplyAck(Conn* c, uint64_t ack) {
   return true;
 }
 
+// A write's META, eager SEND or mailbox record: checked against our own
+// table (never the initiator's idea of our region), copied into place when it
+// carries its bytes, then kWriteImm or a NACK.
+void VerbsBackend::HandleWriteLocked(Conn* c, const Header& h, const uint8_t* payload) {
+  ++c->rx_seq;
+  // Never trust the initiator's idea of our region: check our table.
+  auto it = regions_.find(h.key);
+  uint8_t refuse = 0;
+  if (it == regions_.end()) {
+    refuse = kNackUnknownKey;
+  } else if (!RangeInside(h.offset, h.length, it->second.region.length)) {
+    refuse = kNackOutOfRange;
+  } else if (h.type == kEager && it->second.region.kind != MemoryKind::kHost) {
+    refuse = kNackUnknownKey;  // our REPLY said device memory; a correct peer never does this
+  } else if (h.type == kEager) {
+    std::memcpy(static_cast<uint8_t*>(it->second.region.addr) + h.offset, payload, h.length);
+  }
+  if (refuse) {
+    ZW_LOG(kWarn, "verbs: refused WRITE from " << c->Name() << ": key " << h.key << " offset " << h.offset
+                                               << " length " << h.length);
+    Header n;
+    n.type = kNack;
+    n.code = refuse;
+    n.key = c->rx_seq;
+    c->ctrl_q.push_back(n);
+  } else {
+    Completion got;
+    got.type = CompletionType::kWriteImm;
+    got.peer = c->peer;
+    got.imm = h.imm;
+    got.key = h.key;
+    got.offset = h.offset;
+    got.length = h.length;
+    Push(std::move(got));
+  }
+}
+
 void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
   auto corrupt = [&](const std::string& what) {
     FailLocked(c, IoError(c->Name() + " sent a malformed message: " + what), true);
@@ -1656,6 +1895,18 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
   if (len < kHeaderBytes) return corrupt(std::to_string(len) + " bytes");
   Header h = DecodeHeader(buf);
   if (h.type != kSend && h.type != kEager && len != kHeaderBytes) return corrupt("trailing bytes");
+  c->last_rx_pass = progress_pass_;
+  if (h.type == kMeta || h.type == kEager || h.type == kSend) {
+    // Mailbox records the peer posted before this message go first (RC
+    // placed them before this completion).
+    while (h.reserved != static_cast<uint16_t>(c->rx_seq + 1)) {
+      if (!ProcessMboxRecord(c, "gap")) {
+        return corrupt("sequence tag " + std::to_string(h.reserved) + ", expected " +
+                       std::to_string(static_cast<uint16_t>(c->rx_seq + 1)));
+      }
+      if (!c->open) return;
+    }
+  }
   if (h.type == kNack) {
     uint64_t last = c->peer_nacks.empty() ? c->peer_acked : std::max(c->peer_acked, c->peer_nacks.back().seq);
     if (h.key <= last || h.key >= c->next_seq || h.ack < h.key)
@@ -1668,41 +1919,10 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
     case kNack:
       break;
     case kMeta:
-    case kEager: {
+    case kEager:
       if (h.type == kEager && h.length != len - kHeaderBytes) return corrupt("eager write length mismatch");
-      ++c->rx_seq;
-      // Never trust the initiator's idea of our region: check our table.
-      auto it = regions_.find(h.key);
-      uint8_t refuse = 0;
-      if (it == regions_.end()) {
-        refuse = kNackUnknownKey;
-      } else if (!RangeInside(h.offset, h.length, it->second.region.length)) {
-        refuse = kNackOutOfRange;
-      } else if (h.type == kEager && it->second.region.kind != MemoryKind::kHost) {
-        refuse = kNackUnknownKey;  // our REPLY said device memory; a correct peer never does this
-      } else if (h.type == kEager) {
-        std::memcpy(static_cast<uint8_t*>(it->second.region.addr) + h.offset, buf + kHeaderBytes, h.length);
-      }
-      if (refuse) {
-        ZW_LOG(kWarn, "verbs: refused WRITE from " << c->Name() << ": key " << h.key << " offset " << h.offset
-                                                   << " length " << h.length);
-        Header n;
-        n.type = kNack;
-        n.code = refuse;
-        n.key = c->rx_seq;
-        c->ctrl_q.push_back(n);
-      } else {
-        Completion got;
-        got.type = CompletionType::kWriteImm;
-        got.peer = c->peer;
-        got.imm = h.imm;
-        got.key = h.key;
-        got.offset = h.offset;
-        got.length = h.length;
-        Push(std::move(got));
-      }
+      HandleWriteLocked(c, h, buf + kHeaderBytes);
       break;
-    }
     case kSend: {
       if (h.length != len - kHeaderBytes) return corrupt("SEND length mismatch");
       ++c->rx_seq;
@@ -1736,6 +1956,12 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
       it->second.length = h.length;
       break;
     }
+    case kMbox:
+      if (h.length != kMboxSlots) return corrupt("mailbox of " + std::to_string(h.length) + " slots");
+      c->peer_mbox = true;
+      c->peer_mbox_addr = h.offset;
+      c->peer_mbox_rkey = static_cast<uint32_t>(h.key);
+      break;
     case kUnreg:
       // Only keys this side has asked about are cached; others need no note
       // (a later QUERY finds them gone).
@@ -1833,6 +2059,7 @@ size_t VerbsBackend::Poll(std::span<Completion> out, std::chrono::milliseconds t
     return n;
   };
   bool armed = false;
+  bool mbox_peers = false;
   while (true) {
     {
       std::lock_guard lk(mu_);
@@ -1840,6 +2067,7 @@ size_t VerbsBackend::Poll(std::span<Completion> out, std::chrono::milliseconds t
       if (closed_) return 0;
       ProgressLocked();
       if (size_t n = take()) return n;
+      mbox_peers = !mbox_conns_.empty();
     }
     if (timeout.count() <= 0) return 0;
     const auto now = Clock::now();
@@ -1859,7 +2087,10 @@ size_t VerbsBackend::Poll(std::span<Completion> out, std::chrono::milliseconds t
     }
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count() + 1;
     pollfd fds[2] = {{channel_->fd, POLLIN, 0}, {poll_wake_fd_, POLLIN, 0}};
-    ::poll(fds, 2, static_cast<int>(std::min<int64_t>(left, 100)));
+    // A mailbox record sent without a doorbell raises no completion event
+    // (PostMbox rings only where we looked idle); with mailbox peers the
+    // sleep is cut to 1 ms, so such a record waits at most that long.
+    ::poll(fds, 2, static_cast<int>(std::min<int64_t>(left, mbox_peers ? 1 : 100)));
     ibv_cq* ev_cq = nullptr;
     void* ev_ctx = nullptr;
     if (fds[0].revents & POLLIN) {
