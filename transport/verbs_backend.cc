@@ -25,6 +25,39 @@
 // a large write's stripes go out signalled on all QPs, and META follows on
 // QP 0 once every stripe's completion (the responder's ack) is in.
 //
+// Mailbox (the small-write fast path, after MVAPICH's RDMA fast path). Each
+// side registers a ring of kMboxSlots x 256 B per peer and announces it (MBOX,
+// the first message on a new connection). A host-to-host write whose record
+// [stamp m | header | payload padded to 8 | stamp m] fits the QP's inline
+// limit (payload up to 200 B) is ONE inline RDMA WRITE into slot m % slots of
+// the peer's ring: no receive buffer, no receive completion, no SEND. The
+// target's progress pass reads the next slot's two stamps (record m is there
+// when both read m; the slot's previous record had m - slots), checks and
+// copies the bytes exactly as for an eager SEND (NACK on refusal), and reports
+// kWriteImm. Credits: record m's slot is free again once the target's
+// cumulative ack covers its sequence number, so credits ride on the acks
+// (piggy-backed or bare) with no extra traffic; without a free slot a small
+// write falls back to the eager SEND.
+// Order: records and SEND-path messages (META, eager, SEND) share one
+// sequence, and each carries its low 16 bits (header `reserved`). RC delivers
+// everything on QP 0 in order and places a record before any later message's
+// completion, so the target processes strictly by sequence: a SEND whose tag
+// is ahead first takes the records before it from the mailbox; and a pass
+// notes which records are complete *before* draining the CQ and processes
+// only those after it, so a control message (ack, NACK) posted before a record
+// is always seen first. (A record's ack may then trail a control message's;
+// the newer ack wins.)
+// Waking: a record raises no completion, so a target asleep on its completion
+// channel would not see it. The initiator writes a plain record only when it
+// processed something from that peer in this or the previous progress pass
+// (a ping-pong: the peer is spinning); otherwise the record goes as RDMA WRITE
+// WITH IMM, whose receive completion wakes the target (a doorbell; the
+// immediate names the record, and the target processes the records up to
+// it). A Poll with mailbox peers also never sleeps longer than 1 ms, which
+// bounds the rare miss (a peer that went to sleep right after answering).
+// While spinning, Poll reads only the next stamps of up to 4 mailboxes
+// between full passes, so a record is seen within nanoseconds.
+//
 // Completion semantics match the tcp backend: META and SEND messages are
 // numbered in posting order; the target acknowledges cumulatively once its
 // Poll has processed them, piggy-backed on any message it sends; a bare ACK
@@ -62,8 +95,8 @@
 // It runs each handshake itself, bounded by 5 s: a client that connects and
 // says nothing delays other accepts (not established peers) by that much.
 //
-// Limits (per peer): 256 receive buffers of 16 KiB + 64 B (4.2 MiB) and 64
-// send slots (1 MiB) registered on QP 0; the shared CQ (up to 32768 entries)
+// Limits (per peer): 256 receive buffers of 16 KiB + 64 B (4.2 MiB), 64
+// send slots (1 MiB) and a 32 KiB mailbox registered on QP 0; the shared CQ (up to 32768 entries)
 // reserves 256 + 512 x QPs entries per peer, so about 40 single-QP peers.
 
 #include "transport/verbs_backend.h"
@@ -384,7 +417,7 @@ class VerbsBackend final : public Backend {
   ~VerbsBackend() override;
 
   Status Init(uint32_t nqps, uint64_t stripe_bytes, std::chrono::microseconds spin,
-              std::chrono::microseconds idle_progress, size_t reg_cache_entries);
+              std::chrono::microseconds idle_progress, size_t reg_cache_entries, bool mailbox);
 
   const Capabilities& capabilities() const override { return caps_; }
   void SetLocalRank(PeerId self) override { self_.store(self); }
@@ -405,7 +438,10 @@ class VerbsBackend final : public Backend {
  private:
   // No clock read: the helper thread only needs to know whether anything
   // happened since it last looked (clock reads are syscalls on some VMs).
-  void Touch() { activity_.fetch_add(1, std::memory_order_relaxed); }
+  // A plain load and store, not a locked increment: the helper only asks
+  // whether the value changed, which concurrent bumps still guarantee, and a
+  // busy-polling owner calls this on every Poll.
+  void Touch() { activity_.store(activity_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed); }
   // Setup.
   Result<std::unique_ptr<Conn>> NewConn(PeerId peer, std::string address, uint32_t nqps);
   Status ToRts(Conn* c, const Hello& remote);
@@ -460,6 +496,7 @@ class VerbsBackend final : public Backend {
   uint64_t stripe_bytes_ = 1 << 20;
   std::chrono::microseconds spin_{50};
   std::chrono::microseconds idle_progress_{1000};
+  bool mailbox_ = true;  // offer our mailboxes to peers (ZIPWIRE_IB_MAILBOX)
 
   ibv_context* ctx_ = nullptr;
   ibv_pd* pd_ = nullptr;
@@ -507,8 +544,9 @@ class VerbsBackend final : public Backend {
 // Device and setup
 
 Status VerbsBackend::Init(uint32_t nqps, uint64_t stripe_bytes, std::chrono::microseconds spin,
-                          std::chrono::microseconds idle_progress, size_t reg_cache_entries) {
+                          std::chrono::microseconds idle_progress, size_t reg_cache_entries, bool mailbox) {
   nqps_ = nqps;
+  mailbox_ = mailbox;
   stripe_bytes_ = stripe_bytes;
   spin_ = spin;
   idle_progress_ = idle_progress;
@@ -1419,6 +1457,7 @@ bool VerbsBackend::PostMboxWrite(Conn* c, const MboxWrite& w, uint64_t context) 
 
 // Once a connection is up: tell the peer where our mailbox is.
 void VerbsBackend::OnEstablishedLocked(Conn* c) {
+  if (!mailbox_) return;  // the peer then sends small writes as eager SENDs
   Header h;
   h.type = kMbox;
   h.key = c->mbox_mr->rkey;
@@ -2065,11 +2104,17 @@ void VerbsBackend::WakePollers() {
 size_t VerbsBackend::Poll(std::span<Completion> out, std::chrono::milliseconds timeout) {
   if (out.empty()) return 0;
   Touch();
-  pollers_.fetch_add(1, std::memory_order_relaxed);
+  // A zero-timeout Poll (a busy-polling caller) never sleeps, so it need not
+  // tell the helper thread it is inside; Touch is enough to keep it away.
+  const bool may_wait = timeout.count() > 0;
+  if (may_wait) pollers_.fetch_add(1, std::memory_order_relaxed);
   struct Leave {
     std::atomic<int>& n;
-    ~Leave() { n.fetch_sub(1, std::memory_order_relaxed); }
-  } leave{pollers_};
+    bool counted;
+    ~Leave() {
+      if (counted) n.fetch_sub(1, std::memory_order_relaxed);
+    }
+  } leave{pollers_, may_wait};
   // Clock reads only once a pass found nothing: a busy-polling caller
   // (timeout 0) never reads the clock here.
   Clock::time_point deadline{}, spin_until{};
@@ -2111,6 +2156,7 @@ size_t VerbsBackend::Poll(std::span<Completion> out, std::chrono::milliseconds t
       if (closed_) return 0;
       ProgressLocked();
       if (size_t n = take()) return n;
+      if (!may_wait) return 0;
       mbox_peers = !mbox_conns_.empty();
       nwatch = 0;
       for (size_t i = 0; i < mbox_conns_.size() && nwatch < kWatch; ++i) {
@@ -2319,10 +2365,13 @@ Result<std::unique_ptr<Backend>> CreateVerbsBackend(const BackendOptions& option
   ZW_ASSIGN_OR_RETURN(uint64_t idle_us, EnvUint("IB_IDLE_PROGRESS_US", 1000));
   if (idle_us == 0) return InvalidArgument("ZIPWIRE_IB_IDLE_PROGRESS_US must be positive");
   ZW_ASSIGN_OR_RETURN(uint64_t cache_entries, EnvUint("IB_REG_CACHE", 64));
+  ZW_ASSIGN_OR_RETURN(uint64_t mailbox, EnvUint("IB_MAILBOX", 1));
+  if (mailbox > 1) return InvalidArgument("ZIPWIRE_IB_MAILBOX must be 0 or 1");
   if (cache_entries > (uint64_t{1} << 20)) return InvalidArgument("ZIPWIRE_IB_REG_CACHE out of range");
   auto b = std::make_unique<VerbsBackend>(options);
   ZW_RETURN_IF_ERROR(b->Init(static_cast<uint32_t>(nqps), stripe, std::chrono::microseconds(spin_us),
-                             std::chrono::microseconds(idle_us), static_cast<size_t>(cache_entries)));
+                             std::chrono::microseconds(idle_us), static_cast<size_t>(cache_entries),
+                             mailbox == 1));
   return std::unique_ptr<Backend>(std::move(b));
 }
 
