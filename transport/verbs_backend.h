@@ -20,6 +20,9 @@
 //                         progress (acks, query replies) on its behalf (1000);
 //                         after a long busy stretch the helper looks less
 //                         often, so an owner that stops is noticed within 16x this
+//   ZIPWIRE_IB_MAILBOX    1 (default): offer each peer a mailbox, so its small
+//                         host-to-host writes (up to 200 B) arrive as one inline
+//                         RDMA WRITE each; 0: they come as eager SENDs
 //   ZIPWIRE_IB_REG_CACHE  registrations kept after DeregisterMemory for reuse by
 //                         a later RegisterMemory of the same pages (default 64;
 //                         0: off). Needs CAP_SYS_ADMIN for its staleness check

@@ -156,6 +156,67 @@ TEST_F(VerbsBackendTest, PostReadFetchesRemoteBytesAndChecksRanges) {
   }
 }
 
+// Small writes both ways between a side that offers a mailbox and one that
+// does not (ZIPWIRE_IB_MAILBOX=0): one direction goes through the mailbox,
+// the other as eager SENDs; each lands intact and in order.
+TEST_F(VerbsBackendTest, SmallWritesBothWaysWithOneMailboxOff) {
+  setenv("ZIPWIRE_IB_MAILBOX", "0", 1);
+  auto b = MakeVerbs(1);
+  unsetenv("ZIPWIRE_IB_MAILBOX");
+  auto a = MakeVerbs(0);
+  ASSERT_TRUE(a && b);
+  auto addr = b->Listen();
+  ASSERT_TRUE(addr.ok());
+  ASSERT_TRUE(a->Connect(1, *addr).ok());
+  std::vector<Completion> got;
+  ASSERT_TRUE(PumpFor({a.get(), b.get()}, got, CompletionType::kPeerConnected, 1));
+  constexpr int kWrites = 2000;
+  std::vector<uint8_t> a_src(kWrites * 32), b_src(kWrites * 32), a_dst(kWrites * 32, 0),
+      b_dst(kWrites * 32, 0);
+  for (size_t i = 0; i < a_src.size(); ++i) {
+    a_src[i] = static_cast<uint8_t>(i * 13 + 1);
+    b_src[i] = static_cast<uint8_t>(i * 29 + 5);
+  }
+  auto as = a->RegisterMemory(a_src.data(), a_src.size(), MemoryKind::kHost);
+  auto ad = a->RegisterMemory(a_dst.data(), a_dst.size(), MemoryKind::kHost);
+  auto bs = b->RegisterMemory(b_src.data(), b_src.size(), MemoryKind::kHost);
+  auto bd = b->RegisterMemory(b_dst.data(), b_dst.size(), MemoryKind::kHost);
+  ASSERT_TRUE(as.ok() && ad.ok() && bs.ok() && bd.ok());
+  got.clear();
+  for (int i = 0; i < kWrites; ++i) {
+    const uint64_t len = 1 + i % 32;
+    ASSERT_TRUE(a->PostWrite(1, *as, i * 32, ToRemote(*bd), i * 32, len, i, i).ok());
+    ASSERT_TRUE(b->PostWrite(0, *bs, i * 32, ToRemote(*ad), i * 32, len, i, i).ok());
+    if (i % 16 == 0) {
+      Completion buf[64];
+      for (Backend* n : {a.get(), b.get()}) {
+        size_t k = n->Poll(buf, 0ms);
+        for (size_t j = 0; j < k; ++j) got.push_back(std::move(buf[j]));
+      }
+    }
+  }
+  ASSERT_TRUE(PumpFor(
+      {a.get(), b.get()}, got, CompletionType::kWriteImm, 2 * kWrites - [&] {
+        size_t n = 0;
+        for (const auto& c : got) n += c.type == CompletionType::kWriteImm;
+        return n;
+      }()));
+  uint32_t next[2] = {0, 0};
+  for (const auto& c : got) {
+    EXPECT_TRUE(c.status.ok()) << c.status.ToString();
+    if (c.type != CompletionType::kWriteImm) continue;
+    ASSERT_LT(c.peer, 2u);
+    EXPECT_EQ(c.imm, next[c.peer]++) << "from peer " << c.peer;
+  }
+  EXPECT_EQ(next[0], static_cast<uint32_t>(kWrites));
+  EXPECT_EQ(next[1], static_cast<uint32_t>(kWrites));
+  for (int i = 0; i < kWrites; ++i) {
+    const uint64_t len = 1 + i % 32;
+    ASSERT_EQ(0, std::memcmp(a_src.data() + i * 32, b_dst.data() + i * 32, len)) << i;
+    ASSERT_EQ(0, std::memcmp(b_src.data() + i * 32, a_dst.data() + i * 32, len)) << i;
+  }
+}
+
 // Root has CAP_IPC_LOCK, which ignores RLIMIT_MEMLOCK: a child drops it,
 // lowers the limit and registers more than it allows.
 TEST_F(VerbsBackendTest, LockedMemoryLimitIsNamed) {
