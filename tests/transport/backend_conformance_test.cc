@@ -524,6 +524,9 @@ TEST_P(PendingOpsTest, LocalCloseCancelsPendingOperations) {
   ASSERT_TRUE(PumpUntil({&b_}, [&] { return b_.Count(CompletionType::kPeerError) == 1; }));
   EXPECT_EQ(b_.Take(CompletionType::kPeerError)[0].peer, 0u);
   a_.backend.reset();
+  // dst is still registered with b (which may have been receiving into it):
+  // it goes only after DeregisterMemory returns, as for any registration.
+  ASSERT_TRUE(b_.backend->DeregisterMemory(rd).ok());
 }
 
 TEST_P(BackendTest, PostsFromAnotherThreadWhileOwnerPolls) {
