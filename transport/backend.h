@@ -121,6 +121,12 @@ class Backend {
   // Retries until connect_timeout, then fails with kUnavailable.
   virtual Status Connect(PeerId peer, const std::string& address) = 0;
 
+  // Registered memory must stay valid until DeregisterMemory returns, even
+  // after the operations this side posted have completed: a peer's reads of
+  // it may be served at any time, by the backend's own threads too (ucx's
+  // socket thread progresses UCX when a peer goes). DeregisterMemory waits
+  // for (or cuts off) the responses in flight; nothing reads the memory once
+  // it returns.
   virtual Result<MemoryRegion> RegisterMemory(void* addr, size_t length, MemoryKind kind) = 0;
   virtual Status DeregisterMemory(const MemoryRegion& region) = 0;
 

@@ -679,6 +679,9 @@ TEST_P(PendingOpsTest, LocalCloseCancelsPendingOperations) {
   ASSERT_TRUE(PumpUntil({&b_}, [&] { return b_.Count(CompletionType::kPeerError) == 1; }));
   EXPECT_EQ(b_.Take(CompletionType::kPeerError)[0].peer, 0u);
   a_.backend.reset();
+  // dst is still registered with b (which may have been receiving into it):
+  // it goes only after DeregisterMemory returns, as for any registration.
+  ASSERT_TRUE(b_.backend->DeregisterMemory(rd).ok());
 }
 
 TEST_P(BackendTest, PostsFromAnotherThreadWhileOwnerPolls) {
@@ -1067,6 +1070,14 @@ TEST_P(PendingOpsTest, LocalCloseCancelsPendingReads) {
   for (const auto& c : a_.Take(CompletionType::kReadDone)) {
     EXPECT_EQ(c.status.code(), StatusCode::kCancelled) << c.status.ToString();
   }
+  // b may still be serving those reads: they can have reached it before a
+  // went, and b's own threads (ucx: the socket thread, which takes in what a
+  // sent once a's liveness socket closes) answer them while this test only
+  // pumps a. Its region's memory must stay valid until DeregisterMemory
+  // returns, which waits for (or cuts off) the responses in flight; freeing
+  // remote_buf before that was a use-after-free in UCX (it packed a queued
+  // response from the freed vector when b's endpoint finished its wireup).
+  ASSERT_TRUE(b_.backend->DeregisterMemory(rr).ok());
 }
 
 // The target deregisters the region before it gets to a read of it: the read
