@@ -102,6 +102,12 @@ inline Status CheckLocalRange(const char* op, const MemoryRegion& local, bool li
 class CompletionRing {
  public:
   bool empty() const { return count_ == 0; }
+  size_t size() const { return count_; }
+  Completion& front() { return slots_[head_]; }  // !empty()
+  void pop_front() {                             // !empty()
+    head_ = (head_ + 1) & (slots_.size() - 1);
+    --count_;
+  }
   void Push(Completion c) {
     if (count_ == slots_.size()) Grow();
     slots_[(head_ + count_) & (slots_.size() - 1)] = std::move(c);

@@ -310,36 +310,6 @@ struct Op {
   uint32_t rkey = 0;
 };
 
-// The completions Poll hands out, in order: a ring that grows and never
-// shrinks, so pushing and popping allocate nothing in steady state (a deque
-// of these ~120-byte records allocated a block every few pushes).
-class CompletionQueue {
- public:
-  bool empty() const { return count_ == 0; }
-  size_t size() const { return count_; }
-  Completion& front() { return slots_[head_]; }
-  void pop_front() {
-    head_ = (head_ + 1) & (slots_.size() - 1);
-    --count_;
-  }
-  void push_back(Completion&& c) {
-    if (count_ == slots_.size()) Grow();
-    slots_[(head_ + count_) & (slots_.size() - 1)] = std::move(c);
-    ++count_;
-  }
-
- private:
-  void Grow() {
-    std::vector<Completion> next(std::max<size_t>(64, slots_.size() * 2));
-    for (size_t i = 0; i < count_; ++i) next[i] = std::move(slots_[(head_ + i) & (slots_.size() - 1)]);
-    slots_.swap(next);
-    head_ = 0;
-  }
-  std::vector<Completion> slots_;
-  size_t head_ = 0;
-  size_t count_ = 0;
-};
-
 struct Unacked {
   uint64_t seq;
   uint8_t type;
@@ -562,7 +532,8 @@ class VerbsBackend final : public Backend {
 
   std::mutex mu_;
   bool closed_ = false;
-  CompletionQueue completions_;
+  // Poll hands these out in order; the ring allocates nothing in steady state.
+  internal::CompletionRing completions_;
   std::unordered_map<uint64_t, Region> regions_;
   uint32_t next_serial_ = 1;
   std::vector<std::unique_ptr<Conn>> conns_;  // every connection made; freed at destruction
@@ -2256,7 +2227,7 @@ void VerbsBackend::FailLocked(Conn* c, const Status& st, bool emit_peer_error) {
   }
 }
 
-void VerbsBackend::Push(Completion c) { completions_.push_back(std::move(c)); }
+void VerbsBackend::Push(Completion c) { completions_.Push(std::move(c)); }
 
 void VerbsBackend::WakePollers() {
   uint64_t one = 1;
