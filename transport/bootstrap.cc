@@ -308,7 +308,14 @@ Result<RegisterMsg> DecodeRegister(std::span<const uint8_t> payload) {
   if (!r.U8(&role) || !r.Str(&msg.address)) return Truncated("REGISTER");
   ZW_RETURN_IF_ERROR(CheckRole("REGISTER", role, &msg.role));
   ZW_RETURN_IF_ERROR(CheckWireAddress("REGISTER", msg.address));
-  if (r.remaining() > 0 && !r.U32(&msg.requested_role_rank)) return Truncated("REGISTER");
+  if (r.remaining() > 0) {
+    if (!r.U32(&msg.requested_role_rank)) return Truncated("REGISTER");
+    // "Any index" is said by leaving the field out; an explicit 0xffffffff
+    // would be a second spelling of it (one message, one encoding).
+    if (msg.requested_role_rank == kAnyRoleRank) {
+      return Corrupt("REGISTER: requested index 0xffffffff is reserved (leave the field out for any index)");
+    }
+  }
   ZW_RETURN_IF_ERROR(CheckDone("REGISTER", r));
   return msg;
 }
