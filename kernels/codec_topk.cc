@@ -189,6 +189,21 @@ Candidates HistogramCandidates(const float* x, size_t n, size_t k) {
   return c;
 }
 
+// The elements [i, n) after a vector loop (which found m candidates), one by
+// one; records the count and says whether it stayed within `cap`.
+inline bool FinishCandidates(const float* x, size_t i, size_t n, uint32_t threshold, size_t cap, size_t m,
+                             Candidates* c) {
+  for (; i < n; ++i) {
+    if (AbsKey(x[i]) >= threshold) {
+      c->idx[m] = static_cast<uint32_t>(i);
+      c->bits[m] = std::bit_cast<uint32_t>(x[i]);
+      ++m;
+    }
+  }
+  c->size = m;
+  return m <= cap;
+}
+
 // One pass collecting entries with key >= threshold, giving up (returns false)
 // once more than `cap` are found. Scratch has room for cap + 32 entries, so
 // the vector paths may store a whole vector past the last candidate.
@@ -209,15 +224,7 @@ bool ThresholdCandidatesScalar(const float* x, size_t n, uint32_t threshold, siz
     }
     if (m > cap) return false;
   }
-  for (; i < n; ++i) {
-    if (AbsKey(x[i]) >= threshold) {
-      c->idx[m] = static_cast<uint32_t>(i);
-      c->bits[m] = std::bit_cast<uint32_t>(x[i]);
-      ++m;
-    }
-  }
-  c->size = m;
-  return m <= cap;
+  return FinishCandidates(x, i, n, threshold, cap, m, c);
 }
 
 #if defined(__x86_64__)
@@ -257,15 +264,7 @@ __attribute__((target("avx2,bmi2"))) bool ThresholdCandidatesAvx2(const float* x
     m += static_cast<size_t>(std::popcount(mask));
     if (m > cap) return false;
   }
-  for (; i < n; ++i) {
-    if (AbsKey(x[i]) >= threshold) {
-      c->idx[m] = static_cast<uint32_t>(i);
-      c->bits[m] = std::bit_cast<uint32_t>(x[i]);
-      ++m;
-    }
-  }
-  c->size = m;
-  return m <= cap;
+  return FinishCandidates(x, i, n, threshold, cap, m, c);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) bool ThresholdCandidatesAvx512(
@@ -297,15 +296,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) bool ThresholdCand
     if (m > cap) return false;
     ids = _mm512_add_epi32(ids1, sixteen);
   }
-  for (; i < n; ++i) {
-    if (AbsKey(x[i]) >= threshold) {
-      c->idx[m] = static_cast<uint32_t>(i);
-      c->bits[m] = std::bit_cast<uint32_t>(x[i]);
-      ++m;
-    }
-  }
-  c->size = m;
-  return m <= cap;
+  return FinishCandidates(x, i, n, threshold, cap, m, c);
 }
 #endif
 

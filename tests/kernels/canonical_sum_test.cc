@@ -19,15 +19,7 @@
 namespace zipwire::kernels {
 namespace {
 
-// 1 + the index of the first of n elements whose bits differ, 0 when all
-// agree: memcmp that is defined for empty (null) spans and names the element.
-template <typename A, typename B>
-size_t BitDiff(const A& a, const B& b, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    if (std::bit_cast<uint32_t>(a[i]) != std::bit_cast<uint32_t>(b[i])) return i + 1;
-  }
-  return 0;
-}
+using testing::BitDiff;
 
 // The spec, literally: segments of 8192, element i into lane i % 32 from
 // +0.0, the shuffle-down tree, segment totals in order from +0.0.

@@ -1,6 +1,8 @@
 // Shared helpers for the kernels tests.
 #pragma once
 
+#include <bit>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <random>
@@ -10,6 +12,16 @@
 #include "kernels/codec.h"
 
 namespace zipwire::kernels::testing {
+
+// 1 + the index of the first of n elements whose bits differ, 0 when all
+// agree: memcmp that is defined for empty (null) spans and names the element.
+template <typename A, typename B>
+size_t BitDiff(const A& a, const B& b, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if (std::bit_cast<uint32_t>(a[i]) != std::bit_cast<uint32_t>(b[i])) return i + 1;
+  }
+  return 0;
+}
 
 inline std::vector<float> RandomNormal(size_t n, uint32_t seed, float stddev = 1.0f) {
   std::mt19937 rng(seed);
