@@ -110,6 +110,9 @@
 #include "transport/ucx_backend.h"
 
 #include <arpa/inet.h>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -277,6 +280,29 @@ inline std::atomic_ref<uint32_t> Word32(uint8_t* p) {
 }
 
 using internal::RangeInside;
+
+#if defined(__x86_64__)
+bool HasErms() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & (1u << 9)) != 0;
+}
+const bool kHasErms = HasErms();
+#endif
+
+// The direct path's copy into the target's memory. Where the CPU has fast
+// string moves (ERMS), `rep movsb` for large writes: glibc's memcpy leaves
+// it for its vector loop above the L2 size on AMD, which measured 17% slower
+// for 1 MiB here (50 vs 58.6 GB/s in one process; write_bw 36.9 -> 46.4 GB/s
+// against ucp_put_bw's 43.7-46.7, which also copies with rep movsb).
+inline void CopyToPeer(void* dst, const void* src, size_t n) {
+#if defined(__x86_64__)
+  if (kHasErms && n >= 4096) {
+    asm volatile("rep movsb" : "+D"(dst), "+S"(src), "+c"(n) : : "memory");
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
 
 std::string RangeString(uint64_t offset, uint64_t length) {
   // Appended piecewise: gcc 12 -O3 flags "[" + to_string(...) with a bogus -Wrestrict.
@@ -843,6 +869,7 @@ class UcxBackend final : public Backend {
   void RunDeferredClosesLocked();
   unsigned ProgressOnceLocked();
   bool ProgressLocked();
+  void WatchRingsUnlocked(std::unique_lock<std::mutex>& lk);
   ucs_status_t OnData(Conn* c, bool is_write, const void* header, size_t header_length, void* data,
                       size_t length, const ucp_am_recv_param_t* param);
   void OnAck(Conn* c, const void* header, size_t header_length);
@@ -926,6 +953,7 @@ class UcxBackend final : public Backend {
   int sleepers_ = 0;                                       // of which asleep on the event fd
   std::unordered_set<void*> closing_;                      // endpoint close requests in flight
   int in_ucx_ = 0;                                         // > 0 while UCX may be calling us back
+  int ring_watchers_ = 0;                                  // > 0: a Poll reads mailboxes without mu_
   std::vector<std::pair<ucp_ep_h, bool>> deferred_close_;  // {ep, force}
   CompletionRing completions_;
   std::unordered_map<uint64_t, Region> regions_;
@@ -2374,7 +2402,7 @@ bool UcxBackend::PostDirectLocked(Conn* c, const Conn::RemoteMap& m, const uint8
     if (length > 0) std::memcpy(v.data, src, length);
     c->tx_inline_end = c->tx_ring_pos + 1;
   } else {
-    std::memcpy(m.base + remote_offset, src, length);
+    CopyToPeer(m.base + remote_offset, src, length);
   }
   c->ack_sent = c->rx_done;  // piggy-backed
   std::memcpy(slot + sizeof(uint64_t), reinterpret_cast<const uint8_t*>(&v) + sizeof(uint64_t),
@@ -2524,7 +2552,7 @@ void UcxBackend::ReleaseDirectLocked(Conn* c) {
 }
 
 void UcxBackend::ReleaseDeferredLocked() {
-  if (in_ucx_ > 0 || deferred_segments_.empty()) return;
+  if (in_ucx_ > 0 || ring_watchers_ > 0 || deferred_segments_.empty()) return;
   for (Segment& seg : deferred_segments_) DestroySegment(seg);
   deferred_segments_.clear();
 }
@@ -2792,13 +2820,11 @@ size_t UcxBackend::Poll(std::span<Completion> out, std::chrono::milliseconds tim
     if (timeout.count() == 0) {
       if (second) break;
       second = true;
-      lk.unlock();
-      lk.lock();
+      WatchRingsUnlocked(lk);
       continue;
     }
     if (spinning && ++since_clock < kClockEvery) {
-      lk.unlock();
-      lk.lock();
+      WatchRingsUnlocked(lk);
       continue;
     }
     since_clock = 0;
@@ -2813,8 +2839,7 @@ size_t UcxBackend::Poll(std::span<Completion> out, std::chrono::milliseconds tim
     if (spinning) {
       // Busy-poll briefly: a sleep / wake-up costs more than a ping-pong's
       // whole software path. Let posting threads in between rounds.
-      lk.unlock();
-      lk.lock();
+      WatchRingsUnlocked(lk);
       continue;
     }
     ucs_status_t st = ucp_worker_arm(worker_);
@@ -2854,6 +2879,46 @@ size_t UcxBackend::Poll(std::span<Completion> out, std::chrono::milliseconds tim
   }
   Touch();
   return n;
+}
+
+// Between two busy-poll rounds, with mu_ released (posting threads get in):
+// watches the next slot of each mailbox for a while, so that a slot is seen
+// within a load or two of landing rather than after the rest of a round
+// (UCX's progress, the lock): on shared memory that round is a large part of
+// a ping-pong's one-way time. Returns when a slot is stamped or after
+// kWatchLoads looks; the next round takes it. The mappings stay valid
+// meanwhile: ReleaseDeferredLocked waits while ring_watchers_ > 0.
+void UcxBackend::WatchRingsUnlocked(std::unique_lock<std::mutex>& lk) {
+  constexpr size_t kWatchMax = 8;  // mailboxes watched (the rest wait for the round)
+  constexpr int kWatchLoads = 16;  // with a pause each: ~0.3 us, a few rounds of UCX progress
+  const uint8_t* stamp[kWatchMax];
+  uint64_t want[kWatchMax];
+  size_t n = 0;
+  for (Conn* c : ring_conns_) {
+    if (c->rx_ring == nullptr || c->state == ConnState::kClosed) continue;
+    stamp[n] = c->rx_ring + kRingHeaderBytes + (c->rx_ring_pos % kRingSlots) * kSlotBytes;
+    want[n] = c->rx_ring_pos + 1;
+    if (++n == kWatchMax) break;
+  }
+  if (n == 0) {
+    lk.unlock();
+    lk.lock();
+    return;
+  }
+  ++ring_watchers_;
+  lk.unlock();
+  for (int i = 0; i < kWatchLoads; ++i) {
+    bool seen = false;
+    for (size_t k = 0; k < n; ++k) {
+      seen |= Word64(const_cast<uint8_t*>(stamp[k])).load(std::memory_order_acquire) == want[k];
+    }
+    if (seen) break;
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+  lk.lock();
+  --ring_watchers_;
 }
 
 // Makes progress only while the owner is away (no Poll or post for a whole
