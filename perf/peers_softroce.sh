@@ -11,7 +11,8 @@
 # Usage: perf/peers_softroce.sh          (after building build/bin/zipwire_perf)
 # Environment: ZIPWIRE_PERF (binary, default build/bin/zipwire_perf), RUNS (3),
 #   BW64K_ITERS (600), BW1M_ITERS (60), LAT_ITERS (1500),
-#   ZW_PERF_FLAGS (extra zipwire_perf flags), PEERS_SOFTROCE_TSV (also copy
+#   ZW_PERF_FLAGS (extra zipwire_perf flags), FIGURES (which pairs, default
+#   "bw64 bw1m lat"), PEERS_SOFTROCE_TSV (also copy
 #   the raw per-run figures there).
 # Exit status: 0 when every figure was measured (whether or not the limits
 # hold; the table says), 1 when a tool failed, 77 when the guest cannot start
@@ -22,6 +23,7 @@ set -euo pipefail
 if [[ ${1:-} == --in-guest ]]; then
   out=$2 perf=$3 runs=$4 bw64=$5 bw1m=$6 lat=$7
   read -r -a extra <<<"${8:-}"
+  figures=${9:-bw64 bw1m lat}
   IP=10.11.0.1 DEV=rxe0 T=90
   port=20000
   fail=0
@@ -96,9 +98,9 @@ if [[ ${1:-} == --in-guest ]]; then
   : >"$out/results.tsv"
   echo "peers_softroce: guest cpus $(nproc), $(rdma link show | awk '{print $2}' | tr '\n' ' ')"
   for ((r = 1; r <= runs; r++)); do
-    both $r peer_bw 65536 "$bw64" -- write_bw 65536 "$bw64"
-    both $r peer_bw 1048576 "$bw1m" -- write_bw 1048576 "$bw1m"
-    both $r peer_lat 8 "$lat" -- write_lat 8 "$lat"
+    [[ " $figures " == *" bw64 "* ]] && both $r peer_bw 65536 "$bw64" -- write_bw 65536 "$bw64"
+    [[ " $figures " == *" bw1m "* ]] && both $r peer_bw 1048576 "$bw1m" -- write_bw 1048576 "$bw1m"
+    [[ " $figures " == *" lat "* ]] && both $r peer_lat 8 "$lat" -- write_lat 8 "$lat"
     echo "peers_softroce: run $r/$runs done at $(cut -d' ' -f1 /proc/uptime)s guest uptime"
   done
   exit $fail
@@ -113,6 +115,13 @@ BW1M_ITERS=${BW1M_ITERS:-60}
 LAT_ITERS=${LAT_ITERS:-1500}
 [[ -x $PERF ]] || { echo "peers_softroce: $PERF not found; build zipwire_perf first" >&2; exit 1; }
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || { echo "peers_softroce: RUNS must be a positive integer" >&2; exit 2; }
+FIGURES=${FIGURES:-bw64 bw1m lat}
+for f in $FIGURES; do
+  [[ $f == bw64 || $f == bw1m || $f == lat ]] || {
+    echo "peers_softroce: FIGURES: unknown '$f' (bw64, bw1m, lat)" >&2
+    exit 2
+  }
+done
 command -v python3 >/dev/null || { echo "peers_softroce: python3 is not installed" >&2; exit 1; }
 
 TMP=$(mktemp -d /tmp/zw-peers-softroce.XXXXXX)
@@ -123,10 +132,10 @@ rc=0
 # Bounded: about 4 min is expected at RUNS=3; the guest's own watchdog ends a hang.
 SOFTROCE_RW_DIR=$TMP SOFTROCE_TIMEOUT=${SOFTROCE_TIMEOUT:-540} \
   "$ROOT/tests/softroce/guest.sh" bash "$ROOT/perf/peers_softroce.sh" --in-guest "$TMP" "$PERF" \
-  "$RUNS" "$BW64K_ITERS" "$BW1M_ITERS" "$LAT_ITERS" "${ZW_PERF_FLAGS:-}" || rc=$?
+  "$RUNS" "$BW64K_ITERS" "$BW1M_ITERS" "$LAT_ITERS" "${ZW_PERF_FLAGS:-}" "$FIGURES" || rc=$?
 if ((rc == 77)); then exit 77; fi
 [[ -n ${PEERS_SOFTROCE_TSV:-} && -f $TMP/results.tsv ]] && cp "$TMP/results.tsv" "$PEERS_SOFTROCE_TSV"
-python3 - "$TMP/results.tsv" "$RUNS" <<'EOF' || rc=1
+python3 - "$TMP/results.tsv" "$RUNS" "$FIGURES" <<'EOF' || rc=1
 import collections, statistics, sys
 rows = collections.defaultdict(list)
 try:
@@ -135,9 +144,10 @@ try:
         rows[(tool, test, int(size))].append(float(value))
 except FileNotFoundError:
     pass
-cases = [("write_bw", 65536, "ib_write_bw", "MiB/s", ">=", 0.95),
-         ("write_bw", 1048576, "ib_write_bw", "MiB/s", ">=", 0.95),
-         ("write_lat", 8, "ib_write_lat", "usec", "<=", 1.10)]
+cases = [("write_bw", 65536, "ib_write_bw", "MiB/s", ">=", 0.95, "bw64"),
+         ("write_bw", 1048576, "ib_write_bw", "MiB/s", ">=", 0.95, "bw1m"),
+         ("write_lat", 8, "ib_write_lat", "usec", "<=", 1.10, "lat")]
+cases = [c[:6] for c in cases if c[6] in sys.argv[3].split()]
 print("\nverbs vs perftest, soft-RoCE rxe0 in the QEMU guest (TCG), medians of %s runs" % sys.argv[2])
 print("| figure | zipwire -t verbs | peer | ratio | limit | holds |")
 print("| --- | --- | --- | --- | --- | --- |")
