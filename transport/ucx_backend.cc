@@ -861,6 +861,7 @@ class UcxBackend final : public Backend {
   void CompleteFrontLocked(Conn* c);
   bool ApplyAckLocked(Conn* c, uint64_t ack);
   void DrainRxLocked(Conn* c);
+  // `completion` null: the caller already queued it (Emplace).
   void RxDoneLocked(Conn* c, uint64_t seq, uint32_t nack, Completion* completion);
   void FailConnLocked(Conn* c, const Status& status, bool emit_peer_error);
   void ProtocolErrorLocked(Conn* c, const std::string& what);
@@ -1784,14 +1785,14 @@ void UcxBackend::FinishOpLocked(Op* op, const Status& status) {
     op->am_write = false;
     --op->conn->am_writes_unacked;
   }
-  Completion done;
+  Completion& done = completions_.Emplace();  // in place: one per operation
   done.type = op->kind == OpKind::kWrite  ? CompletionType::kWriteDone
               : op->kind == OpKind::kRead ? CompletionType::kReadDone
                                           : CompletionType::kSendDone;
-  done.status = status;
+  if (!status.ok()) done.status = status;
   done.peer = op->conn->peer;
   done.context = op->context;
-  PushCompletionLocked(std::move(done));
+  if (sleepers_ > 0) Wake();
   MaybeFreeOpLocked(op);
 }
 
@@ -2037,8 +2038,10 @@ void UcxBackend::RxDoneLocked(Conn* c, uint64_t seq, uint32_t nack, Completion* 
     // nothing new itself (earlier completions may not be handed out yet).
     ++c->nacks_sent;
     SendAckLocked(c, c->ack_sent, seq, nack);
-  } else {
+  } else if (completion != nullptr) {
     PushCompletionLocked(std::move(*completion));
+  } else if (sleepers_ > 0) {
+    Wake();  // the caller queued the completion in place
   }
   if (!c->ack_queued) {
     c->ack_queued = true;
@@ -2441,13 +2444,6 @@ bool UcxBackend::PollRingLocked(Conn* c, uint64_t max_seq) {
     any = true;
     ApplySlotAckLocked(c, v.ack, v.nacks);
     if (c->state == ConnState::kClosed) break;
-    Completion comp;
-    comp.type = CompletionType::kWriteImm;
-    comp.peer = c->peer;
-    comp.imm = v.imm;
-    comp.key = v.key;
-    comp.offset = v.offset;
-    comp.length = v.length;
     // The writer checked the range against what we told it; our own table
     // still decides (the region may have been freed since: the bytes then
     // went to pages only the writer still maps).
@@ -2461,7 +2457,25 @@ bool UcxBackend::PollRingLocked(Conn* c, uint64_t max_seq) {
     } else if ((v.flags & kSlotInline) && v.length > 0) {
       std::memcpy(static_cast<uint8_t*>(reg->addr) + v.offset, v.data, v.length);
     }
-    DeliverLocked(c, ++c->rx_seq, nack, std::move(comp));
+    const uint64_t seq = ++c->rx_seq;
+    auto fill = [&](Completion& comp) {
+      comp.type = CompletionType::kWriteImm;
+      comp.peer = c->peer;
+      comp.imm = v.imm;
+      comp.key = v.key;
+      comp.offset = v.offset;
+      comp.length = v.length;
+    };
+    if (nack == 0 && c->rx_pending.empty()) {
+      // The common case (accepted, nothing ahead of it) fills the completion
+      // queue's slot in place; RxDoneLocked's bookkeeping follows.
+      fill(completions_.Emplace());
+      RxDoneLocked(c, seq, 0, nullptr);
+    } else {
+      Completion comp;
+      fill(comp);
+      DeliverLocked(c, seq, nack, std::move(comp));
+    }
   }
   return any;
 }
