@@ -13,6 +13,7 @@
 #include "offload/aligned_buffer.h"
 #include "offload/chunk_header.h"
 #include "offload/chunking.h"
+#include "offload/registered_buffer.h"
 #include "offload/thread_pool.h"
 #include "ps/protocol.h"
 #include "transport/backend.h"
@@ -55,7 +56,8 @@ struct Tensor {
   uint8_t flags = 0;
   std::shared_ptr<const kernels::Codec> codec;
   std::unique_ptr<kernels::ErrorFeedback> error_feedback;
-  offload::AlignedBuffer slots, out;
+  offload::RegisteredBuffer slots;  // workers write here (backend memory where offered)
+  offload::AlignedBuffer out;
   transport::MemoryRegion slots_region, out_region;
   std::vector<ServerChunk*> chunks;                  // by chunk index; null where another server owns it
   std::vector<transport::RemoteRegion> worker_recv;  // per worker
@@ -246,11 +248,10 @@ class ServerImpl final : public Server {
         t->chunks[dc.chunk_index] = chunk.get();
         created.push_back(std::move(chunk));
       }
-      t->slots = offload::AlignedBuffer(slots_total);
+      ZW_ASSIGN_OR_RETURN(t->slots, offload::RegisteredBuffer::Create(backend_.get(), slots_total));
+      t->slots_region = t->slots.region();
       t->out = offload::AlignedBuffer(out_total);
-      if (!t->slots || !t->out) return Status(StatusCode::kResourceExhausted, "out of memory for slots");
-      ZW_ASSIGN_OR_RETURN(t->slots_region, backend_->RegisterMemory(t->slots.data(), slots_total,
-                                                                    transport::MemoryKind::kHost));
+      if (!t->out) return Status(StatusCode::kResourceExhausted, "out of memory for slots");
       ZW_ASSIGN_OR_RETURN(t->out_region,
                           backend_->RegisterMemory(t->out.data(), out_total, transport::MemoryKind::kHost));
       for (auto& c : created) handles_.push_back(std::move(c));

@@ -14,6 +14,7 @@
 #include "offload/aligned_buffer.h"
 #include "offload/chunk_header.h"
 #include "offload/chunking.h"
+#include "offload/registered_buffer.h"
 #include "offload/worker_pipeline.h"
 #include "ps/protocol.h"
 #include "transport/backend.h"
@@ -110,13 +111,13 @@ class WorkerImpl final : public Worker {
       if (route.error_feedback)
         ZW_RETURN_IF_ERROR(route.error_feedback->Reserve({tensor_id, c.index}, c.count));
     }
-    TensorBuffers buffers{offload::AlignedBuffer(total), offload::AlignedBuffer(total)};
-    if (!buffers.send || !buffers.recv)
-      return Status(StatusCode::kResourceExhausted, "out of memory for slots");
+    TensorBuffers buffers{offload::AlignedBuffer(total), offload::RegisteredBuffer()};
+    if (!buffers.send) return Status(StatusCode::kResourceExhausted, "out of memory for slots");
     ZW_ASSIGN_OR_RETURN(route.send_region,
                         backend_->RegisterMemory(buffers.send.data(), total, transport::MemoryKind::kHost));
-    ZW_ASSIGN_OR_RETURN(route.recv_region,
-                        backend_->RegisterMemory(buffers.recv.data(), total, transport::MemoryKind::kHost));
+    // Servers write the aggregates here (backend memory where offered).
+    ZW_ASSIGN_OR_RETURN(buffers.recv, offload::RegisteredBuffer::Create(backend_.get(), total));
+    route.recv_region = buffers.recv.region();
 
     std::map<PeerId, DeclareMessage> per_server;
     route.chunks.resize(chunks.size());
@@ -240,7 +241,8 @@ class WorkerImpl final : public Worker {
 
  private:
   struct TensorBuffers {
-    offload::AlignedBuffer send, recv;
+    offload::AlignedBuffer send;
+    offload::RegisteredBuffer recv;
   };
   struct DeclaredTensor {
     size_t elements;

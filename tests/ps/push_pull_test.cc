@@ -111,6 +111,23 @@ TEST(PushPull, OnebitWithErrorFeedbackRunsToCompletion) {
   EXPECT_EQ(c.worker_codes, std::vector<int>({0, 0}));
 }
 
+#ifdef ZIPWIRE_HAVE_UCX
+// Over ucx on one host the servers' slots and the workers' receive buffers
+// are memory the backend allocated (shared memory), so the chunks and the
+// aggregates travel as direct writes (transport/ucx_backend.cc), not through
+// UCX's data path; the result must be as exact as over tcp.
+TEST(PushPull, UcxSharedMemoryAggregateIsExactMean) {
+  setenv("ZIPWIRE_TRANSPORT", "ucx", 1);
+  setenv("UCX_TLS", "posix,sysv,cma,self", 1);
+  setenv("UCX_NET_DEVICES", "lo", 0);
+  Cluster c = RunCluster(2, "exact", "none");
+  unsetenv("ZIPWIRE_TRANSPORT");
+  unsetenv("UCX_TLS");
+  EXPECT_EQ(c.server_codes, std::vector<int>({0, 0}));
+  EXPECT_EQ(c.worker_codes, std::vector<int>({0, 0}));
+}
+#endif
+
 TEST(PushPull, WorkerDyingMidRunFailsTheOthersWithAStatusNotAHang) {
   Cluster c = RunCluster(1, "die_after_declare", "none");
   // Worker 1 died on purpose; the server reports the dead worker and exits
