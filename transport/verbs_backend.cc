@@ -379,6 +379,10 @@ struct Conn {
   // so nothing is lost or reordered.
   std::vector<ibv_wc> early;
   std::unordered_map<uint64_t, RemoteInfo> remote;
+  // The last key PostWrite looked up (entries are never erased, and element
+  // pointers survive rehashing): one hash lookup less per small write.
+  uint64_t last_remote_key = 0;
+  RemoteInfo* last_remote = nullptr;
   // Target side.
   uint64_t rx_seq = 0;
   uint64_t ack_sent = 0;
@@ -535,9 +539,26 @@ class VerbsBackend final : public Backend {
   // Poll hands these out in order; the ring allocates nothing in steady state.
   internal::CompletionRing completions_;
   std::unordered_map<uint64_t, Region> regions_;
+  // The last region looked up: a writer and its target use one or two
+  // regions over and over, and a hash lookup (a division, a chain walk) per
+  // message shows under emulation. Element pointers survive rehashing; the
+  // entry is dropped when its region is erased.
+  uint64_t last_region_key_ = 0;
+  Region* last_region_ = nullptr;
+  Region* FindRegionLocked(uint64_t key) {
+    if (last_region_ != nullptr && last_region_key_ == key) return last_region_;
+    auto it = regions_.find(key);
+    if (it == regions_.end()) return nullptr;
+    last_region_key_ = key;
+    last_region_ = &it->second;
+    return last_region_;
+  }
   uint32_t next_serial_ = 1;
   std::vector<std::unique_ptr<Conn>> conns_;  // every connection made; freed at destruction
   std::unordered_map<PeerId, Conn*> by_peer_;
+  // PeerLocked's last answer (as last_region_); reset wherever by_peer_ changes.
+  PeerId last_peer_ = kInvalidPeer;
+  Conn* last_peer_conn_ = nullptr;
   std::unordered_map<uint32_t, Qp*> qp_by_uid_;
   uint32_t next_qp_uid_ = 1;
   std::vector<Conn*> ack_dirty_;
@@ -688,6 +709,7 @@ VerbsBackend::~VerbsBackend() {
   cm_.reset();
   for (auto& c : conns_) DestroyConn(c.get());
   conns_.clear();  // releases the registrations queued operations held
+  last_region_ = nullptr;
   regions_.clear();
   if (reg_cache_) {
     const RegistrationCache::Stats st = reg_cache_->stats();
@@ -986,6 +1008,7 @@ void VerbsBackend::HandleAccept(int fd, std::string address) {
 void VerbsBackend::OpenLocked(Conn* c, bool report) {
   c->established = c->open = true;
   by_peer_[c->peer] = c;
+  last_peer_conn_ = nullptr;
   OnEstablishedLocked(c);  // our mailbox offer is the first message on the connection
   if (report) {
     Completion up;
@@ -1089,6 +1112,7 @@ Status VerbsBackend::Connect(PeerId peer, const std::string& address) {
     std::lock_guard lk(mu_);
     FailLocked(c.get(), PeerClosed(c->Name() + " refused the connection: " + in.reason), true);
     by_peer_[peer] = c.get();
+    last_peer_conn_ = nullptr;
     conns_.push_back(std::move(c));
     return Status::Ok();
   } else if (in.rank != peer) {
@@ -1147,6 +1171,7 @@ Status VerbsBackend::ConnectCm(PeerId peer, const std::string& address) {
     // As on the socket path: the refusal surfaces as kPeerClosed.
     FailLocked(c.get(), PeerClosed(c->Name() + " refused the connection: " + made->refused), true);
     by_peer_[peer] = c.get();
+    last_peer_conn_ = nullptr;
     conns_.push_back(std::move(c));
     return Status::Ok();
   }
@@ -1327,6 +1352,7 @@ Status VerbsBackend::DeregisterMemory(const MemoryRegion& region) {
       return NotFound("DeregisterMemory: key " + std::to_string(region.key) + " is not a live registration");
     }
     mr = std::move(it->second.mr);
+    if (last_region_ == &it->second) last_region_ = nullptr;
     regions_.erase(it);
     // Peers drop the key from their bounds caches.
     for (auto& [peer, c] : by_peer_) {
@@ -1350,8 +1376,11 @@ Status VerbsBackend::DeregisterMemory(const MemoryRegion& region) {
 
 Result<Conn*> VerbsBackend::PeerLocked(PeerId peer) {
   if (closed_) return Cancelled("verbs backend closed");
+  if (last_peer_conn_ != nullptr && last_peer_ == peer) return last_peer_conn_;
   auto it = by_peer_.find(peer);
   if (it == by_peer_.end()) return FailedPrecondition("peer " + std::to_string(peer) + " is not connected");
+  last_peer_ = peer;
+  last_peer_conn_ = it->second;
   return it->second;
 }
 
@@ -1380,12 +1409,11 @@ Status VerbsBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t 
   Touch();
   std::lock_guard lk(mu_);
   if (closed_) return Cancelled("verbs backend closed");
-  auto reg = regions_.find(local.key);
-  ZW_RETURN_IF_ERROR(internal::CheckLocalRange("PostWrite", local,
-                                               reg != regions_.end() &&
-                                                   reg->second.region.addr == local.addr &&
-                                                   reg->second.region.length == local.length,
-                                               local_offset, length));
+  Region* reg = FindRegionLocked(local.key);
+  ZW_RETURN_IF_ERROR(internal::CheckLocalRange(
+      "PostWrite", local,
+      reg != nullptr && reg->region.addr == local.addr && reg->region.length == local.length, local_offset,
+      length));
   ZW_ASSIGN_OR_RETURN(Conn * c, PeerLocked(peer));
   if (!c->open) return PostFailedOrRefuse(c, kMeta, context);
   const uint8_t* src = static_cast<const uint8_t*>(local.addr) + local_offset;
@@ -1393,9 +1421,17 @@ Status VerbsBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t 
       c->qps[0]->Free() >= 1) {
     // The latency path: nothing queued ahead, the key's bounds known, host
     // memory at the target: straight into the mailbox, no Op.
-    auto it = c->remote.find(remote.key);
-    if (it != c->remote.end() && it->second.state == RemoteInfo::kLive && it->second.host &&
-        RangeInside(remote_offset, length, it->second.length)) {
+    RemoteInfo* info = c->last_remote;
+    if (info == nullptr || c->last_remote_key != remote.key) {
+      auto it = c->remote.find(remote.key);
+      info = it == c->remote.end() ? nullptr : &it->second;
+      if (info != nullptr) {
+        c->last_remote_key = remote.key;
+        c->last_remote = info;
+      }
+    }
+    if (info != nullptr && info->state == RemoteInfo::kLive && info->host &&
+        RangeInside(remote_offset, length, info->length)) {
       if (!PostMboxWrite(c, MboxWrite{src, length, remote.key, remote_offset, imm}, context)) {
         return PostFailedOrRefuse(c, kMeta, context);  // the connection failed under us
       }
@@ -1406,7 +1442,7 @@ Status VerbsBackend::PostWrite(PeerId peer, const MemoryRegion& local, uint64_t 
   op->type = kMeta;
   op->context = context;
   op->local = src;
-  op->mr = reg->second.mr;
+  op->mr = reg->mr;
   op->length = length;
   op->key = remote.key;
   op->remote_offset = remote_offset;
@@ -1669,14 +1705,13 @@ void VerbsBackend::PopOpLocked(Conn* c) {
 }
 
 void VerbsBackend::CompleteOpLocked(Conn* c, const Op& op, Status st) {
-  Completion done;
+  Completion& done = completions_.Emplace();
   done.type = op.type == kMeta   ? CompletionType::kWriteDone
               : op.type == kRead ? CompletionType::kReadDone
                                  : CompletionType::kSendDone;
-  done.status = std::move(st);
+  if (!st.ok()) done.status = std::move(st);
   done.peer = c->peer;
   done.context = op.context;
-  Push(std::move(done));
 }
 
 // Moves queued work onto the QPs in posting order, as far as room allows.
@@ -2042,7 +2077,9 @@ bool VerbsBackend::ApplyAck(Conn* c, uint64_t ack, bool stale_ok) {
   while (!c->unacked.empty() && c->unacked.front().seq <= ack) {
     const Unacked u = c->unacked.front();
     c->unacked.pop_front();
-    Completion done;
+    // Filled in place in the completion queue (no construct-and-move: one
+    // per acknowledged write on the latency path).
+    Completion& done = completions_.Emplace();
     done.type = u.type == kMeta ? CompletionType::kWriteDone : CompletionType::kSendDone;
     done.peer = c->peer;
     done.context = u.context;
@@ -2054,7 +2091,6 @@ bool VerbsBackend::ApplyAck(Conn* c, uint64_t ack, bool stale_ok) {
                                                          : "the range is outside its registration"));
       c->peer_nacks.pop_front();
     }
-    Push(std::move(done));
   }
   return true;
 }
@@ -2065,16 +2101,16 @@ bool VerbsBackend::ApplyAck(Conn* c, uint64_t ack, bool stale_ok) {
 void VerbsBackend::HandleWriteLocked(Conn* c, const Header& h, const uint8_t* payload) {
   ++c->rx_seq;
   // Never trust the initiator's idea of our region: check our table.
-  auto it = regions_.find(h.key);
+  const Region* reg = FindRegionLocked(h.key);
   uint8_t refuse = 0;
-  if (it == regions_.end()) {
+  if (reg == nullptr) {
     refuse = kNackUnknownKey;
-  } else if (!RangeInside(h.offset, h.length, it->second.region.length)) {
+  } else if (!RangeInside(h.offset, h.length, reg->region.length)) {
     refuse = kNackOutOfRange;
-  } else if (h.type == kEager && it->second.region.kind != MemoryKind::kHost) {
+  } else if (h.type == kEager && reg->region.kind != MemoryKind::kHost) {
     refuse = kNackUnknownKey;  // our REPLY said device memory; a correct peer never does this
   } else if (h.type == kEager) {
-    std::memcpy(static_cast<uint8_t*>(it->second.region.addr) + h.offset, payload, h.length);
+    std::memcpy(static_cast<uint8_t*>(reg->region.addr) + h.offset, payload, h.length);
   }
   if (refuse) {
     ZW_LOG(kWarn, "verbs: refused WRITE from " << c->Name() << ": key " << h.key << " offset " << h.offset
@@ -2085,14 +2121,13 @@ void VerbsBackend::HandleWriteLocked(Conn* c, const Header& h, const uint8_t* pa
     n.key = c->rx_seq;
     c->ctrl_q.push_back(n);
   } else {
-    Completion got;
+    Completion& got = completions_.Emplace();
     got.type = CompletionType::kWriteImm;
     got.peer = c->peer;
     got.imm = h.imm;
     got.key = h.key;
     got.offset = h.offset;
     got.length = h.length;
-    Push(std::move(got));
   }
 }
 
