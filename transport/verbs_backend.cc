@@ -481,6 +481,7 @@ class VerbsBackend final : public Backend {
   const uint8_t* MboxRecord(const Conn* c, uint64_t m) const;
   bool MboxReady(const Conn* c, uint64_t m) const;
   bool ProcessMboxRecord(Conn* c, const char* why);
+  void OweAckLocked(Conn* c, bool counted);
   struct MboxWrite {
     const uint8_t* src;
     uint64_t length, key, offset;
@@ -1589,7 +1590,10 @@ bool VerbsBackend::PostMbox(Conn* c, const MboxWrite& w, uint64_t seq) {
   c->ack_sent = c->rx_seq;
   EncodeHeader(h, rec + 8);
   std::memcpy(rec + 8 + kHeaderBytes, w.src, w.length);
-  std::memset(rec + 8 + kHeaderBytes + w.length, 0, bytes - kMboxOverhead - w.length);
+  // Padding up to the tail stamp (none for a whole number of words).
+  if (const size_t pad = bytes - kMboxOverhead - w.length; pad != 0) {
+    std::memset(rec + 8 + kHeaderBytes + w.length, 0, pad);
+  }
   PutLE<uint64_t>(rec + bytes - 8, m);
   ibv_sge sge{reinterpret_cast<uint64_t>(rec), static_cast<uint32_t>(bytes), c->send_mr->lkey};
   ibv_send_wr wr{};
@@ -1678,12 +1682,24 @@ bool VerbsBackend::ProcessMboxRecord(Conn* c, const char* why) {
   // (records are processed after the CQ is drained): take the newer.
   if (!ApplyAck(c, h.ack, /*stale_ok=*/true)) return true;
   HandleWriteLocked(c, h, p + 8 + kHeaderBytes);
+  OweAckLocked(c, true);
+  return true;
+}
+
+// A message from c's peer was taken in (`counted`: one that advanced
+// rx_seq). Its ack rides on our next message to the peer; a bare ACK goes
+// only once the application let a whole progress pass go by without sending
+// one (or many wait). The pass is that of the oldest message still
+// unacknowledged: when everything before this one was acknowledged since
+// (our answer carried it), the clock restarts here. Keeping the older pass
+// sent a bare ACK whenever the peer's next message came in the pass right
+// after our answer: in a ping-pong, most of them.
+void VerbsBackend::OweAckLocked(Conn* c, bool counted) {
+  if (!c->ack_dirty || (counted && c->rx_seq - c->ack_sent == 1)) c->ack_arm_pass = progress_pass_;
   if (!c->ack_dirty) {
     c->ack_dirty = true;
-    c->ack_arm_pass = progress_pass_;
     ack_dirty_.push_back(c);
   }
-  return true;
 }
 
 std::unique_ptr<Op> VerbsBackend::NewOpLocked() {
@@ -2157,6 +2173,7 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
     c->peer_nacks.push_back(Nack{h.key, h.code});
   }
   if (!ApplyAck(c, h.ack)) return;
+  const uint64_t rx_before = c->rx_seq;
   switch (h.type) {
     case kAck:
     case kNack:
@@ -2214,11 +2231,7 @@ void VerbsBackend::ProcessRecv(Conn* c, const uint8_t* buf, uint32_t len) {
     default:
       return corrupt("unknown type " + std::to_string(h.type));
   }
-  if (!c->ack_dirty) {
-    c->ack_dirty = true;
-    c->ack_arm_pass = progress_pass_;
-    ack_dirty_.push_back(c);
-  }
+  OweAckLocked(c, c->rx_seq != rx_before);
 }
 
 void VerbsBackend::FailLocked(Conn* c, const Status& st, bool emit_peer_error) {
