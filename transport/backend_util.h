@@ -4,8 +4,10 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <span>
 #include <string>
 #include <utility>
@@ -15,14 +17,24 @@
 
 namespace zipwire::transport::internal {
 
+// On a little-endian host one unaligned load or store (the byte loops were
+// not always merged into one, and headers are on every message's path).
 template <typename T>
 void PutLE(uint8_t* p, T v) {
-  for (size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
+  if constexpr (std::endian::native == std::endian::little) {
+    std::memcpy(p, &v, sizeof(T));
+  } else {
+    for (size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
+  }
 }
 template <typename T>
 T GetLE(const uint8_t* p) {
   T v = 0;
-  for (size_t i = 0; i < sizeof(T); ++i) v |= static_cast<T>(p[i]) << (8 * i);
+  if constexpr (std::endian::native == std::endian::little) {
+    std::memcpy(&v, p, sizeof(T));
+  } else {
+    for (size_t i = 0; i < sizeof(T); ++i) v |= static_cast<T>(p[i]) << (8 * i);
+  }
   return v;
 }
 
@@ -73,29 +85,46 @@ inline bool RangeInside(uint64_t offset, uint64_t length, uint64_t size) {
 
 // The initiator's checks on a one-sided post (PostWrite, PostRead), with the
 // same messages on every backend; `op` names the call.
-inline Status CheckRemoteRange(const char* op, const RemoteRegion& remote, uint64_t offset, uint64_t length) {
-  if (RangeInside(offset, length, remote.length)) return Status::Ok();
+// The checks pass inline; only a failure builds its message (out of line:
+// these run on every post).
+[[gnu::cold, gnu::noinline]] inline Status RemoteRangeError(const char* op, const RemoteRegion& remote,
+                                                            uint64_t offset, uint64_t length) {
   return OutOfRange(std::string(op) + ": remote range [" + std::to_string(offset) + ", +" +
                     std::to_string(length) + ") is outside remote region key " + std::to_string(remote.key) +
                     " of " + std::to_string(remote.length) + " bytes");
 }
-inline Status CheckPostLength(const char* op, uint64_t length, uint64_t max_bytes) {
-  if (length <= max_bytes) return Status::Ok();
+[[gnu::cold, gnu::noinline]] inline Status PostLengthError(const char* op, uint64_t length,
+                                                           uint64_t max_bytes) {
   return InvalidArgument(std::string(op) + " of " + std::to_string(length) +
                          " bytes exceeds max_write_bytes " + std::to_string(max_bytes));
+}
+[[gnu::cold, gnu::noinline]] inline Status LocalRangeError(const char* op, const MemoryRegion& local,
+                                                           bool live, uint64_t offset, uint64_t length) {
+  if (!live) {
+    return InvalidArgument(std::string(op) + ": local region key " + std::to_string(local.key) +
+                           " is not a live registration of this backend");
+  }
+  return OutOfRange(std::string(op) + ": local range [" + std::to_string(offset) + ", +" +
+                    std::to_string(length) + ") is outside local region key " + std::to_string(local.key) +
+                    " of " + std::to_string(local.length) + " bytes");
+}
+inline Status CheckRemoteRange(const char* op, const RemoteRegion& remote, uint64_t offset, uint64_t length) {
+  if (RangeInside(offset, length, remote.length)) [[likely]]
+    return Status::Ok();
+  return RemoteRangeError(op, remote, offset, length);
+}
+inline Status CheckPostLength(const char* op, uint64_t length, uint64_t max_bytes) {
+  if (length <= max_bytes) [[likely]]
+    return Status::Ok();
+  return PostLengthError(op, length, max_bytes);
 }
 // `live`: the backend holds local.key as a registration of exactly
 // (local.addr, local.length).
 inline Status CheckLocalRange(const char* op, const MemoryRegion& local, bool live, uint64_t offset,
                               uint64_t length) {
-  if (!live) {
-    return InvalidArgument(std::string(op) + ": local region key " + std::to_string(local.key) +
-                           " is not a live registration of this backend");
-  }
-  if (RangeInside(offset, length, local.length)) return Status::Ok();
-  return OutOfRange(std::string(op) + ": local range [" + std::to_string(offset) + ", +" +
-                    std::to_string(length) + ") is outside local region key " + std::to_string(local.key) +
-                    " of " + std::to_string(local.length) + " bytes");
+  if (live && RangeInside(offset, length, local.length)) [[likely]]
+    return Status::Ok();
+  return LocalRangeError(op, local, live, offset, length);
 }
 
 // Grows, never shrinks: pushing a completion allocates nothing in steady state.
@@ -117,7 +146,8 @@ class CompletionRing {
   // on a busy path the usual construct-then-move costs a Completion's worth
   // of moves (its Status and message) twice per completion.
   Completion& Emplace() {
-    if (count_ == slots_.size()) Grow();
+    if (count_ == slots_.size()) [[unlikely]]
+      Grow();
     Completion& c = slots_[(head_ + count_) & (slots_.size() - 1)];
     ++count_;
     c.type = CompletionType::kWriteDone;
@@ -142,7 +172,7 @@ class CompletionRing {
   }
 
  private:
-  void Grow() {
+  [[gnu::noinline]] void Grow() {
     std::vector<Completion> next(std::max<size_t>(64, slots_.size() * 2));
     for (size_t i = 0; i < count_; ++i) next[i] = std::move(slots_[(head_ + i) & (slots_.size() - 1)]);
     slots_.swap(next);
