@@ -282,7 +282,7 @@ TEST_P(BackendTest, ThousandsOfOutstandingOperationsBothWays) {
 }
 
 // Small writes of every size up to a few hundred bytes, many more than any
-// small-message ring holds (the verbs mailbox has 128 slots of up to 200 B
+// small-message ring holds (the verbs mailbox has 128 slots of up to 224 B
 // each): every one lands intact, once, in posting order, while the target
 // polls concurrently.
 TEST_P(BackendTest, SmallWritesOfEverySizeWrapAroundInOrder) {
