@@ -28,6 +28,11 @@
 // the same loop toward the client at the same time and reports its rows in
 // RESULT; the client prints the sums (perftest -b). *_lat: ping-pong, each
 // side answering when it has received; t = round trip / 2 as in ib_write_lat.
+// write_lat writes from a send area of the buffer into the peer's receive
+// area at offset 0 (separate pages, as perftest's and ucx_perftest's latency
+// tests keep separate send and receive buffers), so an answer does not read
+// the bytes that just landed; with --codec the answer echoes the encoded
+// message from where it landed and the client decodes it.
 // read_bw uses the contract's optional PostRead; send_* use PostSend (at most
 // capabilities().max_control_bytes per message).
 //
@@ -909,10 +914,17 @@ Result<BwRow> RunBw(Backend& backend, Pump& pump, PeerId peer, Test test, const 
   return row;
 }
 
+// Where write_lat (without --codec) writes from: the page after the
+// receive area; 0 for every other test.
+uint64_t LatSendOffset(Test test, const std::vector<uint64_t>& sizes, const CodecPlan* plan) {
+  if (test != Test::kWriteLat || plan != nullptr) return 0;
+  return (*std::max_element(sizes.begin(), sizes.end()) + 4095) / 4096 * 4096;
+}
+
 // Ping-pong: write (or send) and wait for the peer's answer of the same size.
-Result<LatRow> RunLat(Backend& backend, Pump& pump, Test test, const Buffer& buf, const RemoteRegion& remote,
-                      uint64_t size, uint64_t iters, uint64_t warmup, std::chrono::milliseconds slice,
-                      CodecRun* codec, std::vector<float>* decoded) {
+Result<LatRow> RunLat(Backend& backend, Pump& pump, Test test, const Buffer& buf, uint64_t send_offset,
+                      const RemoteRegion& remote, uint64_t size, uint64_t iters, uint64_t warmup,
+                      std::chrono::milliseconds slice, CodecRun* codec, std::vector<float>* decoded) {
   std::vector<double> samples;
   samples.reserve(iters);
   double wire_sum = 0;
@@ -929,7 +941,7 @@ Result<LatRow> RunLat(Backend& backend, Pump& pump, Test test, const Buffer& buf
       if (codec != nullptr) {
         ZW_ASSIGN_OR_RETURN(wire, EncodeInto(codec, buf, i));
       }
-      ZW_RETURN_IF_ERROR(backend.PostWrite(kServerRank, buf.region, 0, remote, 0, wire,
+      ZW_RETURN_IF_ERROR(backend.PostWrite(kServerRank, buf.region, send_offset, remote, 0, wire,
                                            static_cast<uint32_t>(i), kControlCtx | i));
     }
     bool echoed = false;
@@ -997,7 +1009,8 @@ class Receiver {
         per_size_(per_size),
         buf_(buf),
         peer_region_(peer_region),
-        plan_(plan) {
+        plan_(plan),
+        send_offset_(LatSendOffset(test, sizes, plan)) {
     if (plan_ != nullptr) decoded_.resize(*std::max_element(sizes.begin(), sizes.end()) / 4);
   }
 
@@ -1032,8 +1045,9 @@ class Receiver {
     bytes_ += got;
     switch (test_) {
       case Test::kWriteLat:
-        return backend_.PostWrite(peer_, buf_.region, c.offset, peer_region_, c.offset, got, c.imm,
-                                  kControlCtx | received_);
+        // With --codec the encoded message goes back as it landed.
+        return backend_.PostWrite(peer_, buf_.region, plan_ != nullptr ? c.offset : send_offset_,
+                                  peer_region_, c.offset, got, c.imm, kControlCtx | received_);
       case Test::kSendLat:
         return backend_.PostSend(peer_, c.message, kControlCtx | received_);
       case Test::kWriteBw:
@@ -1057,14 +1071,16 @@ class Receiver {
   const Buffer& buf_;
   const RemoteRegion peer_region_;
   const CodecPlan* plan_;
+  const uint64_t send_offset_;  // write_lat answers from here (see LatSendOffset)
   std::vector<float> decoded_;
   uint64_t received_ = 0, bytes_ = 0;
 };
 
-// Bytes each side registers: one message, or one codec slot per outstanding write.
-uint64_t BufferBytes(const std::vector<uint64_t>& sizes, const CodecPlan* plan) {
+// Bytes each side registers: one message (two areas of one for write_lat),
+// or one codec slot per outstanding write.
+uint64_t BufferBytes(Test test, const std::vector<uint64_t>& sizes, const CodecPlan* plan) {
   if (plan != nullptr) return plan->slot_bytes * plan->slots;
-  return *std::max_element(sizes.begin(), sizes.end());
+  return LatSendOffset(test, sizes, plan) + *std::max_element(sizes.begin(), sizes.end());
 }
 
 // ---------------------------------------------------------------------------
@@ -1120,7 +1136,7 @@ int RunServer(const Options& opt, Backend& backend) {
     if (!made.ok()) return refuse(made.status());
     plan = std::make_unique<CodecPlan>(std::move(*made));
   }
-  const uint64_t need = BufferBytes(hello->sizes, plan.get());
+  const uint64_t need = BufferBytes(hello->test, hello->sizes, plan.get());
   if (hello->test != Test::kSendBw && hello->test != Test::kSendLat && hello->region.length < need &&
       (hello->test == Test::kWriteLat || hello->bidir)) {
     return refuse(Corrupt("client region is smaller than the largest message"));
@@ -1254,7 +1270,7 @@ int RunClient(const Options& opt, Backend& backend) {
   if (Status st = backend.Connect(kServerRank, server); !st.ok()) {
     return fail(st.WithContext("no zipwire_perf server reachable at " + server));
   }
-  const uint64_t need = BufferBytes(sizes, plan.get());
+  const uint64_t need = BufferBytes(opt.test, sizes, plan.get());
   auto buffer = MakeBuffer(backend, need, opt.gpu, UseBackendMemory(backend, opt));
   if (!buffer.ok()) return fail(buffer.status());
   Hello hello;
@@ -1355,8 +1371,8 @@ int RunClient(const Options& opt, Backend& backend) {
         std::printf("\n");
       }
     } else {
-      auto row = RunLat(backend, pump, opt.test, *buffer, remote, size, opt.iters, hello.warmup, slice,
-                        plan ? &codec_run : nullptr, &decoded);
+      auto row = RunLat(backend, pump, opt.test, *buffer, LatSendOffset(opt.test, sizes, plan.get()), remote,
+                        size, opt.iters, hello.warmup, slice, plan ? &codec_run : nullptr, &decoded);
       if (!row.ok())
         return fail(
             row.status().WithContext(std::string(TestName(opt.test)) + " " + std::to_string(size) + " B"));
