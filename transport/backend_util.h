@@ -127,6 +127,34 @@ inline Status CheckLocalRange(const char* op, const MemoryRegion& local, bool li
   return LocalRangeError(op, local, live, offset, length);
 }
 
+// A one-entry cache in front of a hash map's lookups: a writer and its
+// target use one or two regions over and over, and a hash lookup (a 64-bit
+// division, a chain walk) per message shows on the small-write path.
+// Unordered_map elements stay put when it rehashes, so the pointer holds
+// until its entry is erased or the map cleared: call Forget() then.
+template <typename Map>
+class LookupCache {
+ public:
+  using Key = typename Map::key_type;
+  using Value = typename Map::mapped_type;
+  Value* Find(Map& map, const Key& key) {
+    if (value_ != nullptr && key_ == key) return value_;
+    auto it = map.find(key);
+    if (it == map.end()) return nullptr;
+    key_ = key;
+    value_ = &it->second;
+    return value_;
+  }
+  void Forget() { value_ = nullptr; }
+  void Forget(const Value* v) {
+    if (value_ == v) value_ = nullptr;
+  }
+
+ private:
+  Key key_{};
+  Value* value_ = nullptr;
+};
+
 // Grows, never shrinks: pushing a completion allocates nothing in steady state.
 class CompletionRing {
  public:

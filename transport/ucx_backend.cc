@@ -878,14 +878,7 @@ class UcxBackend final : public Backend {
   ucs_status_t OnReadResp(Conn* c, const void* header, size_t header_length, void* data, size_t length,
                           const ucp_am_recv_param_t* param);
 
-  Region* FindRegionLocked(uint64_t key) {
-    if (last_region_ != nullptr && last_region_key_ == key) return last_region_;
-    auto it = regions_.find(key);
-    if (it == regions_.end()) return nullptr;
-    last_region_key_ = key;
-    last_region_ = &it->second;
-    return last_region_;
-  }
+  Region* FindRegionLocked(uint64_t key) { return region_cache_.Find(regions_, key); }
   Conn* FindPeerLocked(PeerId peer) {
     if (last_peer_conn_ != nullptr && last_peer_ == peer) return last_peer_conn_;
     auto it = by_peer_.find(peer);
@@ -976,8 +969,7 @@ class UcxBackend final : public Backend {
   // mailbox paths (a hash lookup is a 64-bit division, ~10% of a shared-
   // memory message's software path). Unordered_map elements stay put, so
   // the pointers hold until the entry is erased or replaced (reset there).
-  uint64_t last_region_key_ = 0;
-  Region* last_region_ = nullptr;
+  internal::LookupCache<std::unordered_map<uint64_t, Region>> region_cache_;
   PeerId last_peer_ = kInvalidPeer;
   Conn* last_peer_conn_ = nullptr;
 
@@ -1544,7 +1536,7 @@ Status UcxBackend::DeregisterMemory(const MemoryRegion& region) {
   // alive (never anything of ours), and we refuse what it writes there.
   DestroySegment(it->second.seg);
   regions_.erase(it);
-  last_region_ = nullptr;
+  region_cache_.Forget();
   return Status::Ok();
 }
 

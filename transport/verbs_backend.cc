@@ -545,24 +545,12 @@ class VerbsBackend final : public Backend {
   // Poll hands these out in order; the ring allocates nothing in steady state.
   internal::CompletionRing completions_;
   std::unordered_map<uint64_t, Region> regions_;
-  // The last region looked up: a writer and its target use one or two
-  // regions over and over, and a hash lookup (a division, a chain walk) per
-  // message shows under emulation. Element pointers survive rehashing; the
-  // entry is dropped when its region is erased.
-  uint64_t last_region_key_ = 0;
-  Region* last_region_ = nullptr;
-  Region* FindRegionLocked(uint64_t key) {
-    if (last_region_ != nullptr && last_region_key_ == key) return last_region_;
-    auto it = regions_.find(key);
-    if (it == regions_.end()) return nullptr;
-    last_region_key_ = key;
-    last_region_ = &it->second;
-    return last_region_;
-  }
+  internal::LookupCache<std::unordered_map<uint64_t, Region>> region_cache_;  // in front of regions_
+  Region* FindRegionLocked(uint64_t key) { return region_cache_.Find(regions_, key); }
   uint32_t next_serial_ = 1;
   std::vector<std::unique_ptr<Conn>> conns_;  // every connection made; freed at destruction
   std::unordered_map<PeerId, Conn*> by_peer_;
-  // PeerLocked's last answer (as last_region_); reset wherever by_peer_ changes.
+  // PeerLocked's last answer (as region_cache_); reset wherever by_peer_ changes.
   PeerId last_peer_ = kInvalidPeer;
   Conn* last_peer_conn_ = nullptr;
   std::unordered_map<uint32_t, Qp*> qp_by_uid_;
@@ -715,7 +703,7 @@ VerbsBackend::~VerbsBackend() {
   cm_.reset();
   for (auto& c : conns_) DestroyConn(c.get());
   conns_.clear();  // releases the registrations queued operations held
-  last_region_ = nullptr;
+  region_cache_.Forget();
   regions_.clear();
   if (reg_cache_) {
     const RegistrationCache::Stats st = reg_cache_->stats();
@@ -1358,7 +1346,7 @@ Status VerbsBackend::DeregisterMemory(const MemoryRegion& region) {
       return NotFound("DeregisterMemory: key " + std::to_string(region.key) + " is not a live registration");
     }
     mr = std::move(it->second.mr);
-    if (last_region_ == &it->second) last_region_ = nullptr;
+    region_cache_.Forget(&it->second);
     regions_.erase(it);
     // Peers drop the key from their bounds caches.
     for (auto& [peer, c] : by_peer_) {

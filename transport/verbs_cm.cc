@@ -33,8 +33,8 @@ using internal::PutLE;
 
 constexpr uint64_t kCmMagic = 0x31004d4342495a57ull;  // "WZIBCM\0\1"
 constexpr size_t kConnectBytes = 32;                  // of the 56 an RC connect request carries
-constexpr size_t kAcceptBytes = 20;  // magic, version, rank, status (0)
-constexpr size_t kRejectBytes = 144;  // of the 148 a reject carries
+constexpr size_t kAcceptBytes = 20;                   // magic, version, rank, status (0)
+constexpr size_t kRejectBytes = 144;                  // of the 148 a reject carries
 constexpr size_t kReasonOffset = 20;
 constexpr auto kGroupTimeout = std::chrono::seconds(5);  // a listener's bound on a half-made group
 constexpr uint8_t kPort = 1;                             // the backend's QPs are on port 1

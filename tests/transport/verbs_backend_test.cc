@@ -114,15 +114,23 @@ bool PumpFor(std::vector<Backend*> nodes, std::vector<Completion>& got, Completi
   return have >= n;
 }
 
+// a (rank 0) connects to b (rank 1) and both poll until b reports it.
+::testing::AssertionResult ConnectPair(Backend* a, Backend* b) {
+  auto addr = b->Listen();
+  if (!addr.ok()) return ::testing::AssertionFailure() << "Listen: " << addr.status().ToString();
+  if (Status st = a->Connect(1, *addr); !st.ok()) return ::testing::AssertionFailure() << st.ToString();
+  std::vector<Completion> got;
+  if (!PumpFor({a, b}, got, CompletionType::kPeerConnected, 1))
+    return ::testing::AssertionFailure() << "no kPeerConnected within 60 s";
+  return ::testing::AssertionSuccess();
+}
+
 TEST_F(VerbsBackendTest, PostReadFetchesRemoteBytesAndChecksRanges) {
   auto a = MakeVerbs(0), b = MakeVerbs(1);
   ASSERT_TRUE(a && b);
   EXPECT_TRUE(a->capabilities().supports_read);
-  auto addr = b->Listen();
-  ASSERT_TRUE(addr.ok());
-  ASSERT_TRUE(a->Connect(1, *addr).ok());
+  ASSERT_TRUE(ConnectPair(a.get(), b.get()));
   std::vector<Completion> got;
-  ASSERT_TRUE(PumpFor({a.get(), b.get()}, got, CompletionType::kPeerConnected, 1));
   std::vector<uint8_t> src(3 << 20), dst(3 << 20, 0);
   for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i * 7 + 3);
   auto rs = b->RegisterMemory(src.data(), src.size(), MemoryKind::kHost);
@@ -167,11 +175,8 @@ TEST_F(VerbsBackendTest, SmallWritesBothWaysWithOneMailboxOff) {
   unsetenv("ZIPWIRE_IB_MAILBOX");
   auto a = MakeVerbs(0);
   ASSERT_TRUE(a && b);
-  auto addr = b->Listen();
-  ASSERT_TRUE(addr.ok());
-  ASSERT_TRUE(a->Connect(1, *addr).ok());
+  ASSERT_TRUE(ConnectPair(a.get(), b.get()));
   std::vector<Completion> got;
-  ASSERT_TRUE(PumpFor({a.get(), b.get()}, got, CompletionType::kPeerConnected, 1));
   constexpr int kWrites = 2000;
   std::vector<uint8_t> a_src(kWrites * 32), b_src(kWrites * 32), a_dst(kWrites * 32, 0),
       b_dst(kWrites * 32, 0);
@@ -240,11 +245,7 @@ TEST_F(VerbsBackendTest, PingPongSendsNoBareAcks) {
   auto a = MakeVerbs(0);
   auto b = MakeVerbs(1);
   ASSERT_TRUE(a && b);
-  auto addr = b->Listen();
-  ASSERT_TRUE(addr.ok());
-  ASSERT_TRUE(a->Connect(1, *addr).ok());
-  std::vector<Completion> got;
-  ASSERT_TRUE(PumpFor({a.get(), b.get()}, got, CompletionType::kPeerConnected, 1));
+  ASSERT_TRUE(ConnectPair(a.get(), b.get()));
   std::vector<uint8_t> a_mem(64, 1), b_mem(64, 2);
   auto am = a->RegisterMemory(a_mem.data(), a_mem.size(), MemoryKind::kHost);
   auto bm = b->RegisterMemory(b_mem.data(), b_mem.size(), MemoryKind::kHost);
