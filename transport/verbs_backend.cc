@@ -201,6 +201,33 @@ using internal::EncodeHeader;
 
 using internal::RangeInside;
 
+// A record's header (layout in PostMbox): the general Header's fields in 24
+// bytes. Offset and ack travel as 32 bits (MboxFits keeps offsets below
+// 4 GiB); the ack is widened against `acked`, the newest ack the target has,
+// to the nearest value (a record's ack may trail a little; ApplyAck judges).
+void EncodeMboxHeader(const Header& h, uint8_t* out) {
+  PutLE<uint16_t>(out, h.reserved);
+  out[2] = static_cast<uint8_t>(h.length);
+  out[3] = h.type;
+  PutLE<uint32_t>(out + 4, h.imm);
+  PutLE<uint32_t>(out + 8, static_cast<uint32_t>(h.ack));
+  PutLE<uint32_t>(out + 12, static_cast<uint32_t>(h.offset));
+  PutLE<uint64_t>(out + 16, h.key);
+}
+Header DecodeMboxHeader(const uint8_t* in, uint64_t acked) {
+  Header h;
+  h.reserved = GetLE<uint16_t>(in);
+  h.length = in[2];
+  h.type = in[3];
+  h.imm = GetLE<uint32_t>(in + 4);
+  const uint32_t ack32 = GetLE<uint32_t>(in + 8);
+  h.ack = acked + static_cast<uint64_t>(
+                      static_cast<int64_t>(static_cast<int32_t>(ack32 - static_cast<uint32_t>(acked))));
+  h.offset = GetLE<uint32_t>(in + 12);
+  h.key = GetLE<uint64_t>(in + 16);
+  return h;
+}
+
 // The side channel's handshake record (both directions).
 struct Hello {
   uint32_t status = 0;  // reply: 0 accepted, 1 refused (reason says why)
@@ -1582,13 +1609,15 @@ bool VerbsBackend::PostMbox(Conn* c, const MboxWrite& w, uint64_t seq) {
   std::memcpy(rec, w.src, w.length);
   if (padded != w.length) std::memset(rec + w.length, 0, padded - w.length);
   uint8_t* hd = rec + padded;
-  PutLE<uint16_t>(hd, static_cast<uint16_t>(seq));
-  hd[2] = static_cast<uint8_t>(w.length);
-  hd[3] = kEager;
-  PutLE<uint32_t>(hd + 4, w.imm);
-  PutLE<uint32_t>(hd + 8, static_cast<uint32_t>(c->rx_seq));
-  PutLE<uint32_t>(hd + 12, static_cast<uint32_t>(w.offset));
-  PutLE<uint64_t>(hd + 16, w.key);
+  Header h;
+  h.type = kEager;
+  h.reserved = static_cast<uint16_t>(seq);
+  h.imm = w.imm;
+  h.ack = c->rx_seq;
+  h.key = w.key;
+  h.offset = w.offset;
+  h.length = w.length;
+  EncodeMboxHeader(h, hd);
   PutLE<uint64_t>(hd + kMboxHeaderBytes, m);
   c->ack_sent = c->rx_seq;
   ibv_sge sge{reinterpret_cast<uint64_t>(rec), static_cast<uint32_t>(bytes), c->send_mr->lkey};
@@ -1656,18 +1685,7 @@ bool VerbsBackend::ProcessMboxRecord(Conn* c, const char* why) {
   const uint64_t m = c->mbox_next;
   if (!MboxReady(c, m)) return false;
   const uint8_t* hd = reinterpret_cast<const uint8_t*>(MboxStamp(c, m)) - kMboxHeaderBytes;
-  Header h;
-  h.type = hd[3];
-  h.reserved = GetLE<uint16_t>(hd);
-  h.length = hd[2];
-  h.imm = GetLE<uint32_t>(hd + 4);
-  // The ack's low 32 bits, widened to the value nearest the newest ack we
-  // have (a record's ack may trail by a little; ApplyAck judges the rest).
-  const uint32_t ack32 = GetLE<uint32_t>(hd + 8);
-  h.ack = c->peer_acked + static_cast<uint64_t>(static_cast<int64_t>(
-                              static_cast<int32_t>(ack32 - static_cast<uint32_t>(c->peer_acked))));
-  h.offset = GetLE<uint32_t>(hd + 12);
-  h.key = GetLE<uint64_t>(hd + 16);
+  const Header h = DecodeMboxHeader(hd, c->peer_acked);
   ++c->mbox_next;
   c->last_rx_pass = progress_pass_;
   if (h.type != kEager || h.length == 0 || h.length > kMboxMaxPayload) {
