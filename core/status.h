@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <variant>
@@ -28,28 +29,47 @@ enum class StatusCode : uint8_t {
 
 const char* StatusCodeName(StatusCode code);
 
+// A status is a code and, for errors, a message. The message lives on the
+// heap behind one pointer, so an OK status (every call on a data path) is
+// built, moved, tested and destroyed with a couple of register operations:
+// completions carry a Status and are moved once or twice per message.
 class [[nodiscard]] Status {
  public:
   Status() = default;
-  Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
+  Status(StatusCode code, std::string message)
+      : code_(code),
+        message_(message.empty() ? nullptr : std::make_unique<std::string>(std::move(message))) {}
+  Status(const Status& other)
+      : code_(other.code_),
+        message_(other.message_ ? std::make_unique<std::string>(*other.message_) : nullptr) {}
+  Status& operator=(const Status& other) {
+    code_ = other.code_;  // the copy is made before the old message goes: self-assignment is safe
+    message_ = other.message_ ? std::make_unique<std::string>(*other.message_) : nullptr;
+    return *this;
+  }
+  Status(Status&&) noexcept = default;
+  Status& operator=(Status&&) noexcept = default;
+  ~Status() = default;
 
   static Status Ok() { return Status(); }
 
   bool ok() const { return code_ == StatusCode::kOk; }
   StatusCode code() const { return code_; }
-  const std::string& message() const { return message_; }
+  const std::string& message() const { return message_ != nullptr ? *message_ : kEmptyMessage; }
   // "PEER_CLOSED: server 1 (127.0.0.1:4000) disconnected"
   std::string ToString() const;
 
   // Prefixes context to the message, keeping the code.
   Status WithContext(const std::string& context) const {
     if (ok()) return *this;
-    return Status(code_, context + ": " + message_);
+    return Status(code_, context + ": " + message());
   }
 
  private:
+  static inline const std::string kEmptyMessage{};  // constant-initialized
+
   StatusCode code_ = StatusCode::kOk;
-  std::string message_;
+  std::unique_ptr<std::string> message_;  // null when the message is empty
 };
 
 inline Status InvalidArgument(std::string m) { return {StatusCode::kInvalidArgument, std::move(m)}; }

@@ -65,6 +65,49 @@ TEST(Status, WithContextPrefixesAndKeepsCode) {
   EXPECT_EQ(Status::Ok().WithContext("ignored").message(), "");
 }
 
+// The message sits behind one owned pointer (an OK status is then a byte
+// and a null pointer); copies must own their own message.
+TEST(Status, CopiesOwnTheirMessage) {
+  Status a = Corrupt("bad header");
+  Status b = a;
+  EXPECT_EQ(b.code(), StatusCode::kCorrupt);
+  EXPECT_EQ(b.message(), "bad header");
+  EXPECT_NE(&a.message(), &b.message());
+  Status c = Timeout("t");
+  c = a;
+  EXPECT_EQ(c.code(), StatusCode::kCorrupt);
+  EXPECT_EQ(c.message(), "bad header");
+  a = Status::Ok();
+  EXPECT_TRUE(a.ok());
+  EXPECT_EQ(a.message(), "");
+  EXPECT_EQ(b.message(), "bad header");  // untouched by a's reassignment
+  EXPECT_EQ(c.message(), "bad header");
+  Status& self = c;
+  c = self;
+  EXPECT_EQ(c.ToString(), "CORRUPT: bad header");
+}
+
+TEST(Status, MovesTransferTheMessage) {
+  Status a = PeerClosed("peer 2 gone");
+  Status b = std::move(a);
+  EXPECT_EQ(b.code(), StatusCode::kPeerClosed);
+  EXPECT_EQ(b.message(), "peer 2 gone");
+  Status c;
+  c = std::move(b);
+  EXPECT_EQ(c.ToString(), "PEER_CLOSED: peer 2 gone");
+  c = Status::Ok();
+  EXPECT_TRUE(c.ok());
+  EXPECT_EQ(c.ToString(), "OK");
+}
+
+TEST(Status, ErrorWithEmptyMessageKeepsItsCode) {
+  Status s(StatusCode::kIoError, "");
+  EXPECT_FALSE(s.ok());
+  EXPECT_EQ(s.message(), "");
+  EXPECT_EQ(s.ToString(), "IO_ERROR: ");
+  EXPECT_EQ(Status(s).code(), StatusCode::kIoError);
+}
+
 TEST(Result, HoldsValueOrStatus) {
   Result<int> v = 42;
   ASSERT_TRUE(v.ok());
