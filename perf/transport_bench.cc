@@ -10,6 +10,7 @@
 // "one_way_ns" per trip; compare runs on the same machine only.
 //
 //   build/bin/zipwire_transport_bench                      # tcp and ucx (shared memory)
+//   build/bin/zipwire_transport_bench --benchmark_filter=CrossCore   # the hardware's floor
 //   build/bin/zipwire_transport_bench --benchmark_filter=ucx
 //   tests/softroce/guest.sh build/bin/zipwire_transport_bench --benchmark_filter=verbs
 // The verbs case needs an RDMA device (rxe0 in the soft-RoCE guest; another
@@ -18,10 +19,12 @@
 // the instruction count of the path (callgrind's Ir per trip tells the same).
 #include <benchmark/benchmark.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "transport/backend.h"
 
@@ -127,6 +130,49 @@ void BM_PingPong8B(benchmark::State& state, const std::string& name) {
   p.b->Close();
 }
 
+// The floor under every shared-memory notification: one 8-byte store into
+// a line the other core is spinning on, answered the same way, with nothing
+// else (no backend, no completion). Two threads, which on a two-vCPU VM run
+// on the two cores as two processes would. ucx_perftest's ucp_put_lat over
+// shared memory is a put of this kind plus UCX's progress; a zipwire write
+// (ucx direct path) adds PostWrite, the target's Poll and its completions on
+// top, and cannot go below this.
+void BM_CrossCoreLinePingPong(benchmark::State& state) {
+  // A page apart, so that no adjacent-line prefetch ties the two together.
+  struct alignas(4096) Line {
+    std::atomic<uint64_t> v{0};
+  };
+  auto lines = std::make_unique<Line[]>(2);
+  std::atomic<uint64_t>& ping = lines[0].v;
+  std::atomic<uint64_t>& pong = lines[1].v;
+  constexpr uint64_t kStop = ~uint64_t{0};
+  auto spin_until = [](std::atomic<uint64_t>& w, uint64_t want) {
+    for (;;) {
+      const uint64_t v = w.load(std::memory_order_acquire);
+      if (v == want || v == kStop) return v;
+#if defined(__x86_64__)
+      __builtin_ia32_pause();
+#endif
+    }
+  };
+  std::thread echo([&] {
+    for (uint64_t i = 1;; ++i) {
+      if (spin_until(ping, i) == kStop) return;
+      pong.store(i, std::memory_order_release);
+    }
+  });
+  uint64_t i = 0;
+  for (auto _ : state) {
+    ping.store(++i, std::memory_order_release);
+    spin_until(pong, i);
+  }
+  ping.store(kStop, std::memory_order_release);
+  echo.join();
+  state.counters["one_way_ns"] = benchmark::Counter(
+      static_cast<double>(state.iterations()) * 2, benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+
+BENCHMARK(BM_CrossCoreLinePingPong)->MinTime(1.0)->UseRealTime();
 BENCHMARK_CAPTURE(BM_PingPong8B, tcp, std::string("tcp"))->MinTime(1.0);
 #ifdef ZIPWIRE_HAVE_UCX
 BENCHMARK_CAPTURE(BM_PingPong8B, ucx, std::string("ucx"))->MinTime(1.0);
