@@ -21,6 +21,9 @@ if [[ ${1:-} == --in-guest ]]; then
   export ZIPWIRE_IB_DEVICE=rxe0 ZIPWIRE_IB_GID_INDEX=1
   IP=10.11.0.1 port=21400 fail=0
   C=/sys/class/infiniband/rxe0/ports/1/hw_counters
+  for f in sent_pkts rdma_sends duplicate_request completer_retry_err; do
+    [[ -r $C/$f ]] || { echo "softroce_pkts: $C/$f not found (this kernel's rxe has no such counter)" >&2; exit 1; }
+  done
   counters() { echo "$(cat $C/sent_pkts) $(cat $C/rdma_sends) $(cat $C/duplicate_request) $(cat $C/completer_retry_err)"; }
   # run zipwire|peer: one client/server pair; prints the row.
   run() {
