@@ -11,13 +11,16 @@
 # Usage: perf/peers_ucx.sh   (after building build/bin/zipwire_perf with UCX)
 # Environment: ZIPWIRE_PERF (binary, default build/bin/zipwire_perf), RUNS (3),
 #   BW_ITERS (2000), LAT_ITERS (20000), PATHS ("tcp shm"), ZW_PERF_FLAGS (extra
-#   zipwire_perf flags), STEP_TIMEOUT (60 s per command).
+#   zipwire_perf flags), STEP_TIMEOUT (60 s per command), ZIPWIRE_TRANSPORT_BENCH
+#   (default beside zipwire_perf: with it, each shm run also measures the
+#   cross-core floor, printed beside the figures without a limit).
 # Exit status: 0 when everything was measured (whether or not a ratio holds),
 # 1 when a tool failed or is missing.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PERF=${ZIPWIRE_PERF:-$ROOT/build/bin/zipwire_perf}
+FLOOR_BENCH=${ZIPWIRE_TRANSPORT_BENCH:-$(dirname "$PERF")/zipwire_transport_bench}
 RUNS=${RUNS:-3}
 BW_ITERS=${BW_ITERS:-2000}
 LAT_ITERS=${LAT_ITERS:-20000}
@@ -121,6 +124,16 @@ print("%.2f" % float(f[6] if sys.argv[2] == "ucp_put_bw" else f[2]))
 EOF
 }
 
+# The hardware's floor under any shared-memory notification, one way, usec:
+# two threads ping-pong one 8-byte store (zipwire_transport_bench's
+# CrossCoreLinePingPong), nothing else. Not a figure with a limit: it shows
+# how much of each latency above is the cache line crossing cores.
+run_floor() {
+  timeout "$STEP_TIMEOUT" "$FLOOR_BENCH" --benchmark_filter=CrossCore --benchmark_format=json 2>/dev/null |
+    python3 -c 'import json, sys; print("%.3f" % (json.load(sys.stdin)["benchmarks"][0]["one_way_ns"] * 1e6))' ||
+    die "zipwire_transport_bench (the shared-memory floor) failed"
+}
+
 median() {
   python3 -c 'import statistics,sys; print("%.2f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"
 }
@@ -129,6 +142,7 @@ echo "zipwire_perf: $PERF -t ucx ${EXTRA[*]}; ucx_perftest: $(command -v ucx_per
 echo "runs: $RUNS (interleaved); UCX_NET_DEVICES=lo; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 ROWS=()
+floors=()
 for path in $PATHS; do
   tls=$(tls_of "$path")
   zw_bw=() up_bw=() zw_lat=() up_lat=()
@@ -142,8 +156,14 @@ for path in $PATHS; do
     zw_lat+=("$v")
     v=$(run_upt "$tls" ucp_put_lat 8 "$LAT_ITERS")
     up_lat+=("$v")
+    floor_note=""
+    if [[ $path == shm && -x $FLOOR_BENCH ]]; then
+      v=$(run_floor)
+      floors+=("$v")
+      floor_note=" (floor $v us)"
+    fi
     echo "  $path run $r: bw zipwire ${zw_bw[-1]} / ucx_perftest ${up_bw[-1]} MB/s;" \
-      "lat zipwire ${zw_lat[-1]} / ucx_perftest ${up_lat[-1]} us"
+      "lat zipwire ${zw_lat[-1]} / ucx_perftest ${up_lat[-1]} us$floor_note"
   done
   ROWS+=("$path|bw 1 MiB (MB/s)|$(median "${zw_bw[@]}")|$(median "${up_bw[@]}")|ge|0.95")
   ROWS+=("$path|lat 8 B (us)|$(median "${zw_lat[@]}")|$(median "${up_lat[@]}")|le|1.1")
@@ -174,3 +194,7 @@ for row in sys.argv[1:]:
     print("| ucx %s %s | %.2f | %.2f | %.3f | %s %g | %s |" % (path, what, zw, peer, ratio,
           ">=" if op == "ge" else "<=", limit, "yes" if holds else "no"))
 EOF
+if ((${#floors[@]} > 0)); then
+  echo
+  echo "shm floor, two threads ping-pong one 8-byte store (no software), one way: median $(median "${floors[@]}") us"
+fi
