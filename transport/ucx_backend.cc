@@ -880,14 +880,10 @@ class UcxBackend final : public Backend {
 
   Region* FindRegionLocked(uint64_t key) { return region_cache_.Find(regions_, key); }
   Conn* FindPeerLocked(PeerId peer) {
-    if (last_peer_conn_ != nullptr && last_peer_ == peer) return last_peer_conn_;
-    auto it = by_peer_.find(peer);
-    if (it == by_peer_.end()) return nullptr;
-    last_peer_ = peer;
-    last_peer_conn_ = it->second;
-    return last_peer_conn_;
+    Conn** c = peer_cache_.Find(by_peer_, peer);
+    return c != nullptr ? *c : nullptr;
   }
-  void ForgetPeerCacheLocked() { last_peer_conn_ = nullptr; }
+  void ForgetPeerCacheLocked() { peer_cache_.Forget(); }
 
   // Direct writes (mailbox); all with mu_ held.
   void SetupRxRingLocked(Conn* c);
@@ -970,8 +966,7 @@ class UcxBackend final : public Backend {
   // memory message's software path). Unordered_map elements stay put, so
   // the pointers hold until the entry is erased or replaced (reset there).
   internal::LookupCache<std::unordered_map<uint64_t, Region>> region_cache_;
-  PeerId last_peer_ = kInvalidPeer;
-  Conn* last_peer_conn_ = nullptr;
+  internal::LookupCache<std::unordered_map<PeerId, Conn*>> peer_cache_;
 
   std::atomic<uint64_t> activity_{0};
   std::mutex helper_mu_;

@@ -577,9 +577,8 @@ class VerbsBackend final : public Backend {
   uint32_t next_serial_ = 1;
   std::vector<std::unique_ptr<Conn>> conns_;  // every connection made; freed at destruction
   std::unordered_map<PeerId, Conn*> by_peer_;
-  // PeerLocked's last answer (as region_cache_); reset wherever by_peer_ changes.
-  PeerId last_peer_ = kInvalidPeer;
-  Conn* last_peer_conn_ = nullptr;
+  // In front of by_peer_ for PeerLocked; forgotten wherever by_peer_ changes.
+  internal::LookupCache<std::unordered_map<PeerId, Conn*>> peer_cache_;
   std::unordered_map<uint32_t, Qp*> qp_by_uid_;
   uint32_t next_qp_uid_ = 1;
   std::vector<Conn*> ack_dirty_;
@@ -1029,7 +1028,7 @@ void VerbsBackend::HandleAccept(int fd, std::string address) {
 void VerbsBackend::OpenLocked(Conn* c, bool report) {
   c->established = c->open = true;
   by_peer_[c->peer] = c;
-  last_peer_conn_ = nullptr;
+  peer_cache_.Forget();
   OnEstablishedLocked(c);  // our mailbox offer is the first message on the connection
   if (report) {
     Completion up;
@@ -1133,7 +1132,7 @@ Status VerbsBackend::Connect(PeerId peer, const std::string& address) {
     std::lock_guard lk(mu_);
     FailLocked(c.get(), PeerClosed(c->Name() + " refused the connection: " + in.reason), true);
     by_peer_[peer] = c.get();
-    last_peer_conn_ = nullptr;
+    peer_cache_.Forget();
     conns_.push_back(std::move(c));
     return Status::Ok();
   } else if (in.rank != peer) {
@@ -1192,7 +1191,7 @@ Status VerbsBackend::ConnectCm(PeerId peer, const std::string& address) {
     // As on the socket path: the refusal surfaces as kPeerClosed.
     FailLocked(c.get(), PeerClosed(c->Name() + " refused the connection: " + made->refused), true);
     by_peer_[peer] = c.get();
-    last_peer_conn_ = nullptr;
+    peer_cache_.Forget();
     conns_.push_back(std::move(c));
     return Status::Ok();
   }
@@ -1397,12 +1396,9 @@ Status VerbsBackend::DeregisterMemory(const MemoryRegion& region) {
 
 Result<Conn*> VerbsBackend::PeerLocked(PeerId peer) {
   if (closed_) return Cancelled("verbs backend closed");
-  if (last_peer_conn_ != nullptr && last_peer_ == peer) return last_peer_conn_;
-  auto it = by_peer_.find(peer);
-  if (it == by_peer_.end()) return FailedPrecondition("peer " + std::to_string(peer) + " is not connected");
-  last_peer_ = peer;
-  last_peer_conn_ = it->second;
-  return it->second;
+  Conn** c = peer_cache_.Find(by_peer_, peer);
+  if (c == nullptr) return FailedPrecondition("peer " + std::to_string(peer) + " is not connected");
+  return *c;
 }
 
 // A post to a failed connection: until the application has seen the peer's
