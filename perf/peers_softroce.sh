@@ -24,32 +24,12 @@ if [[ ${1:-} == --in-guest ]]; then
   out=$2 perf=$3 runs=$4 bw64=$5 bw1m=$6 lat=$7
   read -r -a extra <<<"${8:-}"
   figures=${9:-bw64 bw1m lat}
-  IP=10.11.0.1 DEV=rxe0 T=90
+  IP=10.11.0.1 DEV=rxe0
   port=20000
   fail=0
   export ZIPWIRE_IB_DEVICE=$DEV ZIPWIRE_IB_GID_INDEX=1
-  # pair NAME SERVER... -- CLIENT...: the client retries until the server
-  # listens; both must exit 0. The client's output is left in /tmp/NAME.cli.
-  pair() {
-    local name=$1
-    shift
-    local srv=()
-    while [[ $1 != -- ]]; do srv+=("$1"); shift; done
-    shift
-    timeout $T "${srv[@]}" >"/tmp/$name.srv" 2>&1 &
-    local sp=$! tries=0
-    until timeout $T "$@" >"/tmp/$name.cli" 2>&1; do
-      tries=$((tries + 1))
-      if ((tries >= 40)); then break; fi
-      sleep 0.25
-    done
-    local rs=0
-    wait $sp || rs=$?
-    if ((tries < 40 && rs == 0)); then return 0; fi
-    echo "peers_softroce: $name failed (client tries=$tries, server rc=$rs)" >&2
-    tail -5 "/tmp/$name.cli" "/tmp/$name.srv" >&2
-    return 1
-  }
+  # softroce_pair NAME SERVER... -- CLIENT... (client output in /tmp/NAME.cli)
+  source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/softroce_pair.sh"
   # perftest prints one result row starting with the size.
   perftest_col() {  # file size column
     awk -v s="$2" -v c="$3" '$1 == s && NF >= c {v = $c} END {if (v == "") exit 1; print v}' "$1"
@@ -60,14 +40,14 @@ if [[ ${1:-} == --in-guest ]]; then
   peer_bw() {  # size iters run
     port=$((port + 1))
     local n=ib_write_bw_$1_$3
-    pair $n ib_write_bw -d $DEV -x 1 -F -p $port -s "$1" -n "$2" -- \
+    softroce_pair $n ib_write_bw -d $DEV -x 1 -F -p $port -s "$1" -n "$2" -- \
       ib_write_bw -d $DEV -x 1 -F -p $port -s "$1" -n "$2" $IP || return 1
     record ib_write_bw write_bw "$1" "$3" "$(perftest_col /tmp/$n.cli "$1" 4)"
   }
   peer_lat() {  # size iters run
     port=$((port + 1))
     local n=ib_write_lat_$1_$3
-    pair $n ib_write_lat -d $DEV -x 1 -F -p $port -s "$1" -n "$2" -- \
+    softroce_pair $n ib_write_lat -d $DEV -x 1 -F -p $port -s "$1" -n "$2" -- \
       ib_write_lat -d $DEV -x 1 -F -p $port -s "$1" -n "$2" $IP || return 1
     record ib_write_lat write_lat "$1" "$3" "$(perftest_col /tmp/$n.cli "$1" 5)"
   }
@@ -75,7 +55,7 @@ if [[ ${1:-} == --in-guest ]]; then
     port=$((port + 1))
     local n=zipwire_$1_$2_$4 json=/tmp/zw_$1_$2_$4.json field=bw_avg_MBps
     [[ $1 == write_lat ]] && field=t_typical_us
-    pair $n "$perf" -t verbs "${extra[@]}" -p $port --test "$1" --timeout 60 -- \
+    softroce_pair $n "$perf" -t verbs "${extra[@]}" -p $port --test "$1" --timeout 60 -- \
       "$perf" -t verbs "${extra[@]}" -p $port --test "$1" -s "$2" -n "$3" --timeout 60 --json "$json" $IP ||
       return 1
     record zipwire "$1" "$2" "$4" \

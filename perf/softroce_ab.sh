@@ -31,30 +31,23 @@ if [[ ${1:-} == --in-guest ]]; then
   IP=10.11.0.1 port=21000 fail=0
   peer=ib_${test}
   col=5 && [[ $test == write_bw ]] && col=4
-  # run NAME BINARY ENV SIZE: one client/server pair; prints the figure.
+  source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/softroce_pair.sh"
+  # run NAME BINARY ENV SIZE: one client/server pair; prints the figure ("-"
+  # when there is none; softroce_pair says why on stderr).
   run() {
-    local name=$1 bin=$2 env=$3 size=$4 out=/tmp/ab_$1.out
+    local name=$1 bin=$2 env=$3 size=$4
     local -a envs=()
     [[ -n $env ]] && IFS=, read -r -a envs <<<"$env"
     port=$((port + 1))
     if [[ $bin == peer ]]; then
-      timeout 90 "$peer" -d rxe0 -x 1 -F -p $port -s "$size" -n "$iters" >/dev/null 2>&1 &
+      softroce_pair "ab_$name" "$peer" -d rxe0 -x 1 -F -p $port -s "$size" -n "$iters" -- \
+        "$peer" -d rxe0 -x 1 -F -p $port -s "$size" -n "$iters" $IP || true
     else
-      timeout 90 env "${envs[@]}" "$bin" -t verbs -p $port --test "$test" --timeout 60 >/dev/null 2>&1 &
+      softroce_pair "ab_$name" env "${envs[@]}" "$bin" -t verbs -p $port --test "$test" --timeout 60 -- \
+        env "${envs[@]}" "$bin" -t verbs -p $port --test "$test" -s "$size" -n "$iters" --timeout 60 $IP || true
     fi
-    local sp=$! tries=0
-    until if [[ $bin == peer ]]; then
-      timeout 90 "$peer" -d rxe0 -x 1 -F -p $port -s "$size" -n "$iters" $IP >"$out" 2>&1
-    else
-      timeout 90 env "${envs[@]}" "$bin" -t verbs -p $port --test "$test" -s "$size" -n "$iters" \
-        --timeout 60 $IP >"$out" 2>&1
-    fi; do
-      tries=$((tries + 1))
-      ((tries < 40)) || break
-      sleep 0.25
-    done
-    wait $sp || true
-    awk -v s="$size" -v c=$col '$1 == s && NF >= c {v = $c} END {if (v == "") print "-"; else print v}' "$out"
+    awk -v s="$size" -v c=$col '$1 == s && NF >= c {v = $c} END {if (v == "") print "-"; else print v}' \
+      "/tmp/ab_$name.cli"
   }
   names=() bins=() envs=()
   for spec in "$@"; do

@@ -25,32 +25,25 @@ if [[ ${1:-} == --in-guest ]]; then
     [[ -r $C/$f ]] || { echo "softroce_pkts: $C/$f not found (this kernel's rxe has no such counter)" >&2; exit 1; }
   done
   counters() { echo "$(cat $C/sent_pkts) $(cat $C/rdma_sends) $(cat $C/duplicate_request) $(cat $C/completer_retry_err)"; }
+  source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/softroce_pair.sh"
   # run zipwire|peer: one client/server pair; prints the row.
   run() {
-    local who=$1 out=/tmp/pkts_$1.out before after msgs
+    local who=$1 before after msgs
     port=$((port + 1))
     before=$(counters)
     if [[ $who == peer ]]; then
-      timeout 90 ib_write_bw -d rxe0 -x 1 -F -p $port -s "$size" -n "$iters" >/dev/null 2>&1 &
+      softroce_pair "pkts_$who" ib_write_bw -d rxe0 -x 1 -F -p $port -s "$size" -n "$iters" -- \
+        ib_write_bw -d rxe0 -x 1 -F -p $port -s "$size" -n "$iters" $IP || true
       msgs=$iters
     else
-      timeout 90 "$bin" -t verbs -p $port --test write_bw --timeout 60 >/dev/null 2>&1 &
+      softroce_pair "pkts_$who" "$bin" -t verbs -p $port --test write_bw --timeout 60 -- \
+        "$bin" -t verbs -p $port --test write_bw -s "$size" -n "$iters" --timeout 60 $IP || true
       msgs=$((iters + (iters < 128 ? iters : 128)))
     fi
-    local sp=$! tries=0
-    until if [[ $who == peer ]]; then
-      timeout 90 ib_write_bw -d rxe0 -x 1 -F -p $port -s "$size" -n "$iters" $IP >"$out" 2>&1
-    else
-      timeout 90 "$bin" -t verbs -p $port --test write_bw -s "$size" -n "$iters" --timeout 60 $IP >"$out" 2>&1
-    fi; do
-      tries=$((tries + 1))
-      ((tries < 40)) || break
-      sleep 0.25
-    done
-    wait $sp || true
     after=$(counters)
     local bw
-    bw=$(awk -v s="$size" '$1 == s && NF >= 4 {v = $4} END {if (v == "") print "-"; else print v}' "$out")
+    bw=$(awk -v s="$size" '$1 == s && NF >= 4 {v = $4} END {if (v == "") print "-"; else print v}' \
+      "/tmp/pkts_$who.cli")
     [[ $bw == - ]] && fail=1
     python3 - "$who" "$bw" "$msgs" $before $after <<'EOF'
 import sys
